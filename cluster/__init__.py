@@ -1,0 +1,1 @@
+"""The job: config schema, driver loop, actor placement, CLI."""

@@ -1,0 +1,111 @@
+"""Starting the job's Ray actors: replay buffer, rollout actors, learner group.
+
+Placement: the learner ranks go in one placement group (PACK: on as few nodes as possible, so
+the collective stays local when it can); rollout actors are scheduled freely. Every actor
+gets its environment through ``runtime_env`` so the same code runs under an embedded
+``ray.init`` and under ``ray job submit``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import JobConfig
+from cluster.models import ModelPair
+from learner.learner_actor import LearnerWorker, node_address
+from rollout.actors import RolloutWorker
+from services.replay_buffer import ReplayBuffer
+
+# Variables worth forwarding from the driver's environment when the user set them.
+_PASS_THROUGH = ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE")
+
+
+def actor_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, Any]:
+    env = {k: os.environ[k] for k in _PASS_THROUGH if k in os.environ}
+    env.update({
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in the actor's process: tensors go in directly
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra or {})
+    return {"env_vars": env}
+
+
+@dataclass
+class Actors:
+    buffer: Any
+    students: list
+    teachers: list
+    learners: list
+    placement: Any
+
+    def all(self) -> list:
+        return [self.buffer, *self.students, *self.teachers, *self.learners]
+
+
+def _rollout(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, index: int):
+    r = cfg.rollout
+    engine_options: dict[str, Any] = {"seed": cfg.seed + 1000 * index + (0 if role == "student" else 7),
+                                      "dtype": r.dtype}
+    if r.engine == "vllm":
+        engine_options.update(
+            kv_cache_mib=r.kv_cache_mib, max_model_len=pair.max_model_len,
+            max_logprobs=max(20, r.topk),
+            # The student's log-probs are behaviour-policy log-probs (after temperature); the
+            # teacher's are its raw distribution, which is the distillation target.
+            logprobs_mode="processed_logprobs" if role == "student" else "raw_logprobs")
+    else:
+        engine_options["device"] = "cuda" if r.gpus_per_actor > 0 else "cpu"
+    cls = ray.remote(RolloutWorker).options(
+        name=None, num_cpus=1, num_gpus=r.gpus_per_actor,
+        runtime_env=actor_env(r.threads), max_restarts=0)
+    return cls.remote(role, r.engine, model_dir, max_response_tokens=cfg.data.max_response_tokens,
+                      temperature=r.temperature, topk=r.topk, stop_token_ids=pair.stop_token_ids,
+                      engine_options=engine_options, transport=cfg.learner.weight_transport,
+                      threads=r.threads)
+
+
+def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair):
+    lc = cfg.learner
+    gpus = 1 if lc.device == "cuda" else 0
+    pg = placement_group([{"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}] * lc.actors, strategy="PACK")
+    ray.get(pg.ready(), timeout=600)
+    extra = {"DS_ACCELERATOR": "cpu"} if lc.device == "cpu" else {}
+    cls = ray.remote(LearnerWorker)
+    master = ray.get(ray.remote(node_address).options(
+        num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+    ).remote())
+    learners = []
+    for rank in range(lc.actors):
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
+        learners.append(cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=strategy,
+                                    runtime_env=actor_env(lc.threads, extra)).remote(
+            rank, lc.actors, master, student_dir, lc.model_dump(), cfg.loss.model_dump(),
+            cfg.seed, pair.pad_id, lc.threads))
+    return learners, pg
+
+
+def start_actors(cfg: JobConfig, teacher_dir: str, student_dir: str, pair: ModelPair) -> Actors:
+    """Start everything and wait until each actor has finished its constructor."""
+    buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
+        cfg.buffer.capacity_rows, cfg.seed, cfg.buffer.spill_dir)
+    students = [_rollout(cfg, "student", student_dir, pair, i) for i in range(cfg.rollout.student_actors)]
+    teachers = [_rollout(cfg, "teacher", teacher_dir, pair, i) for i in range(cfg.rollout.teacher_actors)]
+    learners, pg = _learners(cfg, student_dir, pair)
+    actors = Actors(buffer, students, teachers, learners, pg)
+    # health() returns only after __init__ ran: engines loaded, DeepSpeed group formed.
+    ray.get([a.health.remote() for a in students + teachers] + [l.ready.remote() for l in learners])
+    return actors
+
+
+def stop_actors(actors: Actors) -> None:
+    from ray.util.placement_group import remove_placement_group
+    for actor in actors.all():
+        ray.kill(actor)
+    remove_placement_group(actors.placement)

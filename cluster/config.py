@@ -1,0 +1,186 @@
+"""The job's configuration: pydantic models read from YAML plus ``a.b=c`` overrides.
+
+Every model forbids unknown keys, so a typo fails at start-up with the field's dotted path
+instead of being silently ignored. ``load_config`` is the only entry point the CLI uses.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (field path and the fix)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelsConfig(_Strict):
+    """Two Hugging Face causal-LM directories (or hub ids on a cluster) with one vocabulary.
+
+    ``toy`` builds the embedded tiny teacher and student (see ``tasks.build``) when the
+    directories are left empty; a user's run sets ``teacher`` and ``student`` instead.
+    """
+
+    teacher: Optional[str] = None
+    student: Optional[str] = None
+    toy_task: str = "sort"
+    toy_root: str = "artifacts/toy"
+
+
+class DataConfig(_Strict):
+    """Prompts as JSONL (``{"prompt": ..., "response": ...}``), Parquet or a saved HF dataset dir."""
+
+    train: Optional[str] = None
+    eval: Optional[str] = None
+    max_prompt_tokens: int = Field(128, gt=0)
+    max_response_tokens: int = Field(64, gt=0)
+    eval_size: int = Field(200, gt=0, description="held-out prompts scored before and after")
+
+
+class EvalConfig(_Strict):
+    metric: Literal["exact_match", "rouge_l", "bleu"] = "exact_match"
+    every: int = Field(0, ge=0, description="learner steps between evaluations; 0 = only before/after")
+
+
+class RolloutConfig(_Strict):
+    engine: Literal["vllm", "hf"] = "vllm"
+    student_actors: int = Field(1, ge=1)
+    teacher_actors: int = Field(1, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    topk: int = Field(20, ge=1, description="teacher log-probs kept per response position")
+    prompts_per_batch: int = Field(32, ge=1, description="prompts per rollout request")
+    kv_cache_mib: int = Field(256, ge=16, description="vLLM KV cache cap per engine (CPU RAM or GPU)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gpus_per_actor: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1, description="torch/OpenMP threads per rollout actor on CPU")
+
+
+class BufferConfig(_Strict):
+    capacity_rows: int = Field(100_000, gt=0)
+    on_policy_fraction: float = Field(0.5, ge=0, le=1)
+    max_staleness: int = Field(1, ge=0, description="weight versions an on-policy row may lag; 0 = synchronous")
+    spill_dir: Optional[str] = Field(None, description="write sealed segments as Arrow IPC here")
+
+
+class LearnerConfig(_Strict):
+    actors: int = Field(2, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    lr: float = Field(1.0e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch: int = Field(8, ge=1, description="rows per learner actor per step")
+    steps: int = Field(300, ge=1)
+    sync_every: int = Field(10, ge=1)
+    save_every: int = Field(0, ge=0, description="0 = no checkpoints")
+    gradient_checkpointing: bool = False
+    weight_transport: Literal["object_store"] = "object_store"
+    bucket_mib: int = Field(64, ge=1)
+    threads: int = Field(1, ge=1, description="torch threads per learner actor on CPU")
+
+
+class LossConfig(_Strict):
+    name: str = "forward_kl"
+    teacher_signal: Literal["topk"] = "topk"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class StatusConfig(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535, description="0 = any free port")
+
+
+class RayConfig(_Strict):
+    address: Optional[str] = Field(None, description="None = embedded ray.init; 'auto' or ray://... = connect")
+    num_cpus: Optional[int] = Field(None, ge=1, description="for the embedded cluster only")
+
+
+class JobConfig(_Strict):
+    name: str = "local-cpu"
+    seed: int = 0
+    output_dir: str = "runs"
+    models: ModelsConfig = ModelsConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    buffer: BufferConfig = BufferConfig()
+    learner: LearnerConfig = LearnerConfig()
+    loss: LossConfig = LossConfig()
+    status: StatusConfig = StatusConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _models_come_in_pairs(self) -> "JobConfig":
+        if (self.models.teacher is None) != (self.models.student is None):
+            raise ValueError("models.teacher and models.student must both be set, or both left "
+                             "empty to build the toy models")
+        if (self.models.teacher is not None) and self.data.train is None:
+            raise ValueError("data.train must name the prompt file when your own models are set")
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=c`` into (["a", "b"], value); the value is parsed as YAML (1, true, [1,2])."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return path, yaml.safe_load(raw) if raw.strip() else None
+
+
+def _apply(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is a value, not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{where}': remove it or check its spelling "
+                         f"(see configs/local-cpu.yaml for the known keys)")
+        else:
+            lines.append(f"config field '{where}': {e['msg']}")
+    return "; ".join(lines)
+
+
+def build_config(tree: dict, overrides: list[str] = ()) -> JobConfig:
+    """Validate a config tree with overrides applied; raise ConfigError with field paths."""
+    tree = dict(tree or {})
+    for text in overrides:
+        path, value = parse_override(text)
+        _apply(tree, path, value)
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Read a YAML file and apply ``a.b=c`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return build_config(tree, overrides)

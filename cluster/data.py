@@ -1,0 +1,73 @@
+"""Prompt data: reading JSONL, Parquet or a saved HF dataset directory, and tokenising it.
+
+Every row needs a ``prompt`` string; ``response`` is optional (SFT, scoring, references for
+evaluation). Problems are reported as one line naming the file, the row and the fix.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+
+class DataError(ValueError):
+    """A problem with the user's data, phrased with the file, the row and the fix."""
+
+
+@dataclass
+class Prompt:
+    prompt_id: int
+    text: str
+    ids: list[int]
+    reference: Optional[str]
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """Rows of a JSONL file, a Parquet file or a ``datasets.save_to_disk`` directory."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file {path} does not exist")
+    if p.is_dir():
+        try:
+            from datasets import load_from_disk
+        except ImportError:
+            raise DataError(f"{path} is a directory; reading saved HF datasets needs "
+                            f"`pip install datasets`") from None
+        ds = load_from_disk(str(p))
+        return [dict(r) for r in (ds["train"] if hasattr(ds, "keys") else ds)]
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(p).to_pylist()
+    rows = []
+    with p.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
+    return rows
+
+
+def load_prompts(path: str, tokenizer: Any, max_prompt_tokens: int, limit: Optional[int] = None) -> list[Prompt]:
+    """Read and tokenise prompts, refusing rows without a prompt or longer than allowed."""
+    rows = read_rows(path)
+    if not rows:
+        raise DataError(f"{path} holds no rows")
+    prompts = []
+    for n, row in enumerate(rows[:limit] if limit else rows, 1):
+        text = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{path}: row {n} has no 'prompt' string (it has {keys}); every row "
+                            f"needs {{\"prompt\": \"...\"}}, \"response\" is optional")
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) > max_prompt_tokens:
+            raise DataError(f"{path}: row {n} has a prompt of {len(ids)} tokens, longer than "
+                            f"data.max_prompt_tokens={max_prompt_tokens}; shorten it or raise "
+                            f"data.max_prompt_tokens (within the model's context length)")
+        ref = row.get("response")
+        prompts.append(Prompt(n - 1, text, list(ids), ref if isinstance(ref, str) else None))
+    return prompts

@@ -1,0 +1,1 @@
+"""Learner side: losses, AMM adversary, DeepSpeed learner actors, weight export and sync."""

@@ -1,0 +1,134 @@
+"""A learner rank: one member of the torch.distributed group that runs one DeepSpeed engine.
+
+N of these run as Ray actors. Each is told its rank, the world size and rank 0's address; they
+form one group (gloo on CPU, NCCL on GPU) and DeepSpeed shards optimiser state (ZeRO 1/2) or
+parameters too (ZeRO 3) across it. Every call that touches the group (``train_step``,
+``export_weights``, ``save``) must be made on all ranks at once; the driver does that.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Optional
+
+import pyarrow as pa
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_address() -> tuple[str, int]:
+    """This node's IP and a free port: the rendezvous that rank 0 offers the others."""
+    import ray
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def deepspeed_config(learner: dict, world_size: int) -> dict:
+    """The DeepSpeed config for a learner section of the job config."""
+    zero = {"stage": learner["zero_stage"]}
+    return {
+        "train_micro_batch_size_per_gpu": learner["micro_batch"],
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": learner["micro_batch"] * world_size,
+        "gradient_clipping": learner["grad_clip"],
+        "zero_optimization": zero,
+        "bf16": {"enabled": learner["precision"] == "bf16"},
+        "steps_per_print": 10**9,  # progress is ours to print
+        "wall_clock_breakdown": False,
+    }
+
+
+class LearnerWorker:
+    def __init__(self, rank: int, world_size: int, master: tuple[str, int], model_dir: str,
+                 learner: dict, loss: dict, seed: int, pad_id: int, threads: int = 1):
+        os.environ.update({"MASTER_ADDR": master[0], "MASTER_PORT": str(master[1]),
+                           "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"})
+        if learner["device"] == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import torch
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        from learner.objective import make_objective
+
+        self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
+        self.device = torch.device("cuda", torch.cuda.current_device()) if learner["device"] == "cuda" else torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if learner["device"] == "cuda" else "gloo")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if learner["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable()
+        self.objective = make_objective(loss, hidden_size=model.config.hidden_size,
+                                        vocab_size=model.config.vocab_size)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learner["lr"],
+                                      weight_decay=learner["weight_decay"])
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               config=deepspeed_config(learner, world_size))
+        self.zero_stage = learner["zero_stage"]
+        self.steps = 0
+        self.skipped_nonfinite = 0
+        self.tokens = 0
+        self.busy_seconds = 0.0
+
+    def ready(self) -> dict[str, Any]:
+        import torch.distributed as dist
+        return {"rank": self.rank, "world_size": dist.get_world_size(), "backend": dist.get_backend(),
+                "zero_stage": self.zero_stage}
+
+    def train_step(self, table: pa.Table) -> dict[str, float]:
+        """One optimiser step on this rank's share of ``table`` (rows rank, rank+N, ...)."""
+        import torch
+        import torch.distributed as dist
+
+        from learner.batch import collate
+
+        t0 = time.time()
+        shard = table.take(list(range(self.rank, table.num_rows, self.world_size)))
+        batch = collate(shard, self.pad_id).to(self.device)
+        out = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids, output_hidden_states=self.objective.needs_hidden)
+        loss, metrics = self.objective.loss(out, batch)
+        # Every rank must take the same branch: skip the step everywhere if any rank saw NaN/inf.
+        finite = torch.tensor([float(torch.isfinite(loss))])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            self.skipped_nonfinite += 1
+            return {"loss": float("nan"), "skipped_nonfinite": 1.0, "tokens": 0.0}
+        self.engine.backward(loss)
+        self.engine.step()
+        self.objective.after_student_step(out, batch)
+        self.steps += 1
+        self.tokens += batch.num_tokens
+        self.busy_seconds += time.time() - t0
+        return {"loss": float(loss.detach()), "tokens": float(batch.num_tokens),
+                "skipped_nonfinite": 0.0, "seconds": time.time() - t0, **metrics}
+
+    def export_weights(self, transport: str, bucket_mib: int, dtype: str) -> Optional[Any]:
+        """Full weights in HF names, packed by rank 0; every rank must call it (ZeRO-3 gather)."""
+        import deepspeed
+        import torch
+
+        from learner.weight_sync import make_transport
+
+        params = list(self.engine.module.named_parameters())
+        target = getattr(torch, dtype)
+        enabled = self.zero_stage == 3
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None, enabled=enabled):
+            if self.rank != 0:
+                return None
+            named = [(n, p.detach().to(target).cpu()) for n, p in params]
+            return make_transport(transport, bucket_mib=bucket_mib).send(named, self.steps)
+
+    def save(self, path: str, client_state: dict) -> str:
+        tag = f"step{self.steps}"
+        self.engine.save_checkpoint(path, tag=tag, client_state=client_state)
+        return tag
+
+    def stats(self) -> dict[str, float]:
+        return {"rank": self.rank, "steps": self.steps, "tokens": self.tokens,
+                "busy_seconds": self.busy_seconds, "skipped_nonfinite": self.skipped_nonfinite}

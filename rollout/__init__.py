@@ -1,0 +1,1 @@
+"""Everything that generates or scores tokens: engines and rollout actors."""

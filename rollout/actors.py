@@ -1,0 +1,99 @@
+"""The rollout actor: one engine behind a small Ray-callable surface.
+
+The same class serves both roles; the driver decides which methods it calls:
+- student: ``sample`` (on-policy responses with behaviour log-probs and the weight version),
+  ``load_weights`` (a push from the learner), ``greedy`` (evaluation);
+- teacher: ``sample_rows`` (off-policy responses, with the teacher's own top-k signal taken
+  from the generation itself), ``score_rows`` (top-k signal for student samples), ``greedy``.
+Rows leave as one Arrow RecordBatch per request, ready for the replay buffer.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from learner.weight_sync import make_transport
+from rollout.engine import Generation, SamplingConfig, make_engine, tail_logmass
+from services.buffer_schema import Row, rows_to_batch
+
+PromptBatch = list[tuple[int, list[int]]]  # (prompt_id, prompt token ids)
+
+
+@dataclass
+class Samples:
+    """Student samples waiting for the teacher's signal."""
+
+    prompt_ids: list[int]
+    generations: list[Generation]
+    policy_version: int
+
+
+class RolloutWorker:
+    def __init__(self, role: str, engine: str, model_dir: str, *, max_response_tokens: int,
+                 temperature: float, topk: int, stop_token_ids: list[int],
+                 engine_options: dict[str, Any], transport: str = "object_store", threads: int = 1):
+        import torch
+        torch.set_num_threads(threads)  # before vLLM starts: its CPU worker pins the thread count
+        self.role = role
+        self.topk = topk
+        self.sampling = SamplingConfig(max_response_tokens, temperature, 0, tuple(stop_token_ids))
+        self.engine = make_engine(engine, model_dir, **engine_options)
+        self.transport = make_transport(transport)
+        self.tokens_out = 0
+        self.busy_seconds = 0.0
+        self.started = time.time()
+
+    # -- student ---------------------------------------------------------------------------
+    def sample(self, batch: PromptBatch) -> Samples:
+        t0 = time.time()
+        gens = self.engine.generate([p for _, p in batch], self.sampling)
+        self._account(gens, t0)
+        return Samples([i for i, _ in batch], gens, self.engine.version)
+
+    def load_weights(self, payload: Any, version: int) -> int:
+        self.engine.load_weights(self.transport.receive(payload), version)
+        return version
+
+    # -- teacher ---------------------------------------------------------------------------
+    def sample_rows(self, batch: PromptBatch):
+        t0 = time.time()
+        sampling = SamplingConfig(self.sampling.max_tokens, self.sampling.temperature, self.topk,
+                                  self.sampling.stop_token_ids)
+        gens = self.engine.generate([p for _, p in batch], sampling)
+        self._account(gens, t0)
+        rows = [self._row(pid, g, "teacher", -1, g.topk_ids, g.topk_logprobs) for (pid, _), g in zip(batch, gens)]
+        return rows_to_batch(rows)
+
+    def score_rows(self, samples: Samples):
+        gens = samples.generations
+        scores = self.engine.score([g.prompt_ids for g in gens], [g.response_ids for g in gens], self.topk)
+        rows = [self._row(pid, g, "student", samples.policy_version, s.topk_ids, s.topk_logprobs)
+                for pid, g, s in zip(samples.prompt_ids, gens, scores)]
+        return rows_to_batch(rows)
+
+    # -- both ------------------------------------------------------------------------------
+    def greedy(self, prompts: list[list[int]]) -> list[list[int]]:
+        greedy = SamplingConfig(self.sampling.max_tokens, 0.0, 0, self.sampling.stop_token_ids)
+        return [g.response_ids.tolist() for g in self.engine.generate(prompts, greedy)]
+
+    def health(self) -> dict[str, Any]:
+        elapsed = max(time.time() - self.started, 1e-9)
+        return {**self.engine.health(), "role": self.role, "pid": os.getpid(),
+                "tokens_out": self.tokens_out, "tokens_per_s": self.tokens_out / elapsed,
+                "busy_fraction": self.busy_seconds / elapsed}
+
+    def _account(self, gens: list[Generation], t0: float) -> None:
+        self.tokens_out += sum(len(g.response_ids) for g in gens)
+        self.busy_seconds += time.time() - t0
+
+    def _row(self, prompt_id: int, g: Generation, source: str, version: int,
+             ids: np.ndarray, lps: np.ndarray) -> Row:
+        return Row(sample_id=uuid.uuid4().hex, prompt_id=prompt_id, source=source,
+                   policy_version=version, prompt_ids=g.prompt_ids, response_ids=g.response_ids,
+                   behavior_logprobs=g.logprobs, teacher_topk_ids=ids, teacher_topk_logprobs=lps,
+                   teacher_tail_logmass=tail_logmass(lps), finish_reason=g.finish_reason)

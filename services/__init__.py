@@ -1,0 +1,1 @@
+"""Long-lived shared services: the Arrow replay buffer and the FastAPI status app."""
