@@ -1,0 +1,295 @@
+"""Per-position distillation losses and their registry.
+
+Every loss is called as ``fn(student_logits, teacher, mask, **params)`` and returns the mean of a
+per-position divergence over the positions where ``mask`` is true (a zero that still has a
+gradient path when the mask is empty). ``student_logits`` is [B, T, V] in any float dtype; the
+math runs in float32 (float64 stays float64). ``p`` is the teacher, ``q = softmax(student)``.
+
+Teacher signal. ``teacher`` is either full logits [B, T, V] or a :class:`TopKSignal`. With a
+top-k signal both distributions are compared on k + 1 buckets: the teacher's k top tokens and one
+tail bucket for everything else. Teacher buckets are ``exp(logprobs)`` and ``exp(tail_logmass)``;
+student buckets are ``q`` at the same ids and ``q_tail = 1 - sum_k q``, computed in log space as
+``logsumexp(logits outside the top-k) - logsumexp(logits)``. Merging tokens into a bucket is a
+deterministic map applied to both p and q, so by the data-processing inequality every
+f-divergence here (the KLs, skew KLs, JSD, TV) on the buckets is a LOWER BOUND of the same
+divergence over the full vocabulary; it is exact when k = V. Padded top-k slots (teacher logprob
+<= -1e3, id 0) are dropped: they add no term and are not counted in the student's top-k mass.
+Both tails are floored at ``TAIL_LOG_FLOOR`` so an empty tail (-inf) never yields inf or NaN.
+
+Memory. Masked positions are flattened to [N, V] rows and processed ``chunk_size`` rows at a
+time, each chunk under ``torch.utils.checkpoint`` (non-reentrant): autograd keeps only a chunk's
+inputs, and the float32 [chunk, V] intermediates (log-softmax, probabilities, mixtures) are
+rebuilt one chunk at a time in the backward pass. ``naive=True`` (or :func:`reference_loss`)
+computes the same value in one unchunked, uncheckpointed pass, for comparisons.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from learner.teacher_signal import TeacherSignal, TopKSignal
+
+DEFAULT_CHUNK_SIZE = 1024
+PAD_LOGPROB_THRESHOLD = -1e3  # a top-k slot with a teacher logprob at or below this is padding
+TAIL_LOG_FLOOR = -69.0        # log-mass floor of the tail bucket (exp(-69) ~ 1e-30)
+_NEG = -1e30                  # finite "minus infinity" (an all -inf logsumexp has a NaN gradient)
+
+
+# ------------------------------------------------------------------------ bucket log-probs
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _log_buckets(student: torch.Tensor, teacher: Union[torch.Tensor, TopKSignal]):
+    """(log p, log q, valid) over the buckets: [n, V] for full logits, [n, k+1] for top-k.
+
+    ``valid`` is None (all buckets count) or an [n, k+1] bool mask that drops padded slots;
+    at dropped slots log p and log q hold 0 so every term stays finite.
+    """
+    dt = _compute_dtype(student)
+    s = student.to(dt)
+    log_z = torch.logsumexp(s, dim=-1, keepdim=True)
+    if isinstance(teacher, torch.Tensor):
+        return torch.log_softmax(teacher.to(dt), dim=-1), s - log_z, None
+    n, v = s.shape
+    t_lp = teacher.logprobs.to(dt)
+    valid = t_lp > PAD_LOGPROB_THRESHOLD
+    # Student mass outside the valid top-k ids; padded slots are sent to a dummy column V.
+    ids = torch.where(valid, teacher.ids, v)
+    covered = torch.zeros(n, v + 1, dtype=torch.bool, device=s.device).scatter_(1, ids, True)
+    tail_q = torch.logsumexp(s.masked_fill(covered[:, :v], _NEG), dim=-1) - log_z[:, 0]
+    top_q = s.gather(1, teacher.ids) - log_z
+    zero = torch.zeros((), dtype=dt, device=s.device)
+    logp = torch.cat([torch.where(valid, t_lp, zero),
+                      teacher.tail_logmass.to(dt).clamp(min=TAIL_LOG_FLOOR)[:, None]], dim=1)
+    logq = torch.cat([torch.where(valid, top_q, zero), tail_q.clamp(min=TAIL_LOG_FLOOR)[:, None]], dim=1)
+    valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+    return logp, logq, valid
+
+
+def _sum_terms(terms: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    if valid is not None:
+        terms = torch.where(valid, terms, torch.zeros((), dtype=terms.dtype, device=terms.device))
+    return terms.sum(dim=-1)
+
+
+def _log_mix(w: float, loga: torch.Tensor, logb: torch.Tensor) -> torch.Tensor:
+    """log(w a + (1 - w) b) for 0 < w < 1."""
+    return torch.logaddexp(math.log(w) + loga, math.log1p(-w) + logb)
+
+
+def _kl_terms(loga: torch.Tensor, logb: torch.Tensor) -> torch.Tensor:
+    """Bucket terms of KL(a||b) = sum a (log a - log b)."""
+    return loga.exp() * (loga - logb)
+
+
+# --------------------------------------------------------------- per-position divergences
+# Each takes [n, V] student logits and the teacher as [n, V] logits or a TopKSignal of
+# [n, k] / [n] pieces, and returns the [n] per-position loss.
+
+def _per_position_forward_kl(student, teacher):
+    logp, logq, valid = _log_buckets(student, teacher)
+    return _sum_terms(_kl_terms(logp, logq), valid)
+
+
+def _per_position_reverse_kl(student, teacher):
+    logp, logq, valid = _log_buckets(student, teacher)
+    return _sum_terms(_kl_terms(logq, logp), valid)
+
+
+def _per_position_generalized_jsd(student, teacher, beta=0.5):
+    if beta == 0.0:
+        return _per_position_forward_kl(student, teacher)
+    if beta == 1.0:
+        return _per_position_reverse_kl(student, teacher)
+    logp, logq, valid = _log_buckets(student, teacher)
+    logm = _log_mix(beta, logp, logq)
+    return _sum_terms(beta * _kl_terms(logp, logm) + (1.0 - beta) * _kl_terms(logq, logm), valid)
+
+
+def _per_position_tv_distance(student, teacher):
+    logp, logq, valid = _log_buckets(student, teacher)
+    return 0.5 * _sum_terms((logp.exp() - logq.exp()).abs(), valid)
+
+
+def _per_position_skew_forward_kl(student, teacher, alpha=0.1):
+    if alpha == 0.0:
+        return _per_position_forward_kl(student, teacher)
+    logp, logq, valid = _log_buckets(student, teacher)
+    return _sum_terms(_kl_terms(logp, _log_mix(alpha, logp, logq)), valid)
+
+
+def _per_position_skew_reverse_kl(student, teacher, alpha=0.1):
+    if alpha == 0.0:
+        return _per_position_reverse_kl(student, teacher)
+    logp, logq, valid = _log_buckets(student, teacher)
+    return _sum_terms(_kl_terms(logq, _log_mix(1.0 - alpha, logp, logq)), valid)
+
+
+def _per_position_sft(student, labels):
+    """-log q(label) = logsumexp(logits) - logits[label]."""
+    s = student.to(_compute_dtype(student))
+    return torch.logsumexp(s, dim=-1) - s.gather(1, labels[:, None])[:, 0]
+
+
+# ------------------------------------------------------------------ chunked masked mean
+
+def _select(side: Any, mask: torch.Tensor) -> Any:
+    if isinstance(side, TopKSignal):
+        return TopKSignal(side.ids[mask], side.logprobs[mask], side.tail_logmass[mask])
+    return side[mask]
+
+
+def _rows(side: Any, start: int, end: int) -> Any:
+    if isinstance(side, TopKSignal):
+        return TopKSignal(side.ids[start:end], side.logprobs[start:end], side.tail_logmass[start:end])
+    return side[start:end]
+
+
+def _masked_mean(per_position: Callable, student_logits: torch.Tensor, side: Any,
+                 mask: torch.Tensor, chunk_size: int, naive: bool, **params) -> torch.Tensor:
+    """Mean of ``per_position`` over masked positions, chunked and checkpointed unless naive."""
+    mask = mask.to(torch.bool)
+    dt = _compute_dtype(student_logits)
+    if not bool(mask.any()):  # an empty sum: zero, still attached to the graph
+        return student_logits.reshape(-1)[:0].to(dt).sum()
+    s = student_logits[mask]
+    side = _select(side, mask)
+    n = s.shape[0]
+    if naive:
+        return per_position(s, side, **params).sum() / n
+    use_ckpt = torch.is_grad_enabled() and s.requires_grad
+    total = None
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        args = (s[start:end], _rows(side, start, end))
+        if use_ckpt:
+            part = checkpoint(per_position, *args, use_reentrant=False, **params).sum()
+        else:
+            part = per_position(*args, **params).sum()
+        total = part if total is None else total + part
+    return total / n
+
+
+# ----------------------------------------------------------------------------- the losses
+
+def forward_kl(student_logits, teacher: TeacherSignal, mask, *, chunk_size=DEFAULT_CHUNK_SIZE,
+               naive=False):
+    """KL(p||q) = sum_v p (log p - log q), mean over masked positions."""
+    return _masked_mean(_per_position_forward_kl, student_logits, teacher, mask, chunk_size, naive)
+
+
+def reverse_kl(student_logits, teacher: TeacherSignal, mask, *, chunk_size=DEFAULT_CHUNK_SIZE,
+               naive=False):
+    """KL(q||p) = sum_v q (log q - log p), mean over masked positions."""
+    return _masked_mean(_per_position_reverse_kl, student_logits, teacher, mask, chunk_size, naive)
+
+
+def generalized_jsd(student_logits, teacher: TeacherSignal, mask, *, beta=0.5,
+                    chunk_size=DEFAULT_CHUNK_SIZE, naive=False):
+    """beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q.
+
+    beta = 0 is defined as KL(p||q) and beta = 1 as KL(q||p) (GKD's convention).
+    """
+    return _masked_mean(_per_position_generalized_jsd, student_logits, teacher, mask, chunk_size,
+                        naive, beta=beta)
+
+
+def tv_distance(student_logits, teacher: TeacherSignal, mask, *, chunk_size=DEFAULT_CHUNK_SIZE,
+                naive=False):
+    """Total variation 1/2 sum_v |p - q|, mean over masked positions."""
+    return _masked_mean(_per_position_tv_distance, student_logits, teacher, mask, chunk_size, naive)
+
+
+def skew_forward_kl(student_logits, teacher: TeacherSignal, mask, *, alpha=0.1,
+                    chunk_size=DEFAULT_CHUNK_SIZE, naive=False):
+    """KL(p || alpha p + (1-alpha) q), mean over masked positions."""
+    return _masked_mean(_per_position_skew_forward_kl, student_logits, teacher, mask, chunk_size,
+                        naive, alpha=alpha)
+
+
+def skew_reverse_kl(student_logits, teacher: TeacherSignal, mask, *, alpha=0.1,
+                    chunk_size=DEFAULT_CHUNK_SIZE, naive=False):
+    """KL(q || (1-alpha) p + alpha q), mean over masked positions."""
+    return _masked_mean(_per_position_skew_reverse_kl, student_logits, teacher, mask, chunk_size,
+                        naive, alpha=alpha)
+
+
+def sft(student_logits, teacher: Optional[TeacherSignal], mask, *, labels,
+        chunk_size=DEFAULT_CHUNK_SIZE, naive=False):
+    """Cross-entropy -log q(labels) of the response tokens, mean over masked positions.
+
+    ``labels`` is [B, T] int64; ``teacher`` is ignored.
+    """
+    return _masked_mean(_per_position_sft, student_logits, labels, mask, chunk_size, naive)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def _check_unit(name: str, value: Any, *, closed_right: bool) -> None:
+    hi = "]" if closed_right else ")"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in [0, 1{hi}, got {value!r}")
+    if not (0.0 <= value <= 1.0) or (not closed_right and value == 1.0):
+        raise ValueError(f"{name} must be in [0, 1{hi}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: its function, parameter defaults and whether it needs labels."""
+
+    name: str
+    fn: Callable
+    defaults: dict = field(default_factory=dict)
+    needs_labels: bool = False
+
+    def resolve_params(self, params: Optional[dict]) -> dict:
+        """Defaults merged with ``params`` (plus ``chunk_size``), validated."""
+        allowed = {"chunk_size": DEFAULT_CHUNK_SIZE, **self.defaults}
+        params = dict(params or {})
+        for key in params:
+            if key not in allowed:
+                raise ValueError(f"unknown parameter {key!r} for loss {self.name!r}; "
+                                 f"allowed: {sorted(allowed)}")
+        out = {**allowed, **params}
+        if "beta" in out:
+            _check_unit(f"{self.name}.beta", out["beta"], closed_right=True)
+            out["beta"] = float(out["beta"])
+        if "alpha" in out:
+            _check_unit(f"{self.name}.alpha", out["alpha"], closed_right=False)
+            out["alpha"] = float(out["alpha"])
+        cs = out["chunk_size"]
+        if isinstance(cs, bool) or not isinstance(cs, int) or cs < 1:
+            raise ValueError(f"{self.name}.chunk_size must be an integer >= 1, got {cs!r}")
+        return out
+
+
+LOSSES: dict[str, LossSpec] = {s.name: s for s in [
+    LossSpec("forward_kl", forward_kl),
+    LossSpec("reverse_kl", reverse_kl),
+    LossSpec("generalized_jsd", generalized_jsd, {"beta": 0.5}),
+    LossSpec("tv_distance", tv_distance),
+    LossSpec("skew_forward_kl", skew_forward_kl, {"alpha": 0.1}),
+    LossSpec("skew_reverse_kl", skew_reverse_kl, {"alpha": 0.1}),
+    LossSpec("sft", sft, needs_labels=True),
+]}
+
+
+def get_loss(name: str) -> LossSpec:
+    """The registered loss called ``name``; ValueError listing the known names otherwise."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known losses: {sorted(LOSSES)}")
+    return LOSSES[name]
+
+
+def reference_loss(name: str, student_logits, teacher, mask, **params) -> torch.Tensor:
+    """The loss ``name`` computed in one unchunked, uncheckpointed pass (for benchmarks/tests)."""
+    spec = get_loss(name)
+    labels = params.pop("labels", None)
+    extra = {"labels": labels} if spec.needs_labels else {}
+    return spec.fn(student_logits, teacher, mask, naive=True, **extra, **spec.resolve_params(params))
