@@ -94,7 +94,8 @@ def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair):
 def start_actors(cfg: JobConfig, teacher_dir: str, student_dir: str, pair: ModelPair) -> Actors:
     """Start everything and wait until each actor has finished its constructor."""
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
-        cfg.buffer.capacity_rows, cfg.seed, cfg.buffer.spill_dir)
+        cfg.buffer.capacity_rows, cfg.seed, cfg.buffer.spill_dir,
+        cfg.buffer.on_policy_uses, cfg.buffer.off_policy_uses)
     students = [_rollout(cfg, "student", student_dir, pair, i) for i in range(cfg.rollout.student_actors)]
     teachers = [_rollout(cfg, "teacher", teacher_dir, pair, i) for i in range(cfg.rollout.teacher_actors)]
     learners, pg = _learners(cfg, student_dir, pair)

@@ -66,6 +66,8 @@ class BufferConfig(_Strict):
     on_policy_fraction: float = Field(0.5, ge=0, le=1)
     max_staleness: int = Field(1, ge=0, description="weight versions an on-policy row may lag; 0 = synchronous")
     spill_dir: Optional[str] = Field(None, description="write sealed segments as Arrow IPC here")
+    on_policy_uses: int = Field(1, ge=1, description="times a student row may be trained on")
+    off_policy_uses: int = Field(4, ge=1, description="times a teacher/dataset row may be trained on")
 
 
 class LearnerConfig(_Strict):

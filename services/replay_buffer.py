@@ -9,6 +9,9 @@ Contract:
   whose ``policy_version >= min_version`` and the rest from teacher/dataset rows, least-used
   rows first (ties broken by a seeded RNG), or ``None`` when either pool is too small: the
   caller waits for more rollouts instead of training on stale data.
+- A row is served at most ``on_policy_uses`` (student rows) or ``off_policy_uses`` (teacher
+  and dataset rows) times; after that it is spent. On-policy rows default to one use: their
+  value is that they are fresh samples of the current student.
 - Capacity is in rows; the oldest rows are evicted first (FIFO).
 
 The class is plain Python so it is tested without Ray; the driver runs it as a Ray actor.
@@ -31,10 +34,14 @@ _STUDENT = SOURCES.index("student")
 
 
 class ReplayBuffer:
-    def __init__(self, capacity_rows: int, seed: int = 0, spill_dir: Optional[str] = None):
+    def __init__(self, capacity_rows: int, seed: int = 0, spill_dir: Optional[str] = None,
+                 on_policy_uses: int = 1, off_policy_uses: int = 4):
         if capacity_rows <= 0:
             raise ValueError("buffer.capacity_rows must be positive")
+        if on_policy_uses < 1 or off_policy_uses < 1:
+            raise ValueError("buffer.on_policy_uses and buffer.off_policy_uses must be >= 1")
         self.capacity = capacity_rows
+        self.max_uses = (on_policy_uses, off_policy_uses)
         self.rng = np.random.default_rng(seed)
         self.table = SCHEMA.empty_table()
         self.source = np.zeros(0, np.int8)
@@ -88,8 +95,7 @@ class ReplayBuffer:
     def sample(self, n: int, on_policy_fraction: float, min_version: int) -> Optional[pa.Table]:
         """Sample ``n`` rows by source mix and staleness (see module docstring)."""
         n_on = int(round(n * on_policy_fraction))
-        on_pool = np.flatnonzero((self.source == _STUDENT) & (self.version >= min_version))
-        off_pool = np.flatnonzero(self.source != _STUDENT)
+        on_pool, off_pool = (np.flatnonzero(m) for m in self._usable(min_version))
         if len(on_pool) < n_on or len(off_pool) < n - n_on:
             return None
         chosen = np.concatenate([self._least_used(on_pool, n_on), self._least_used(off_pool, n - n_on)])
@@ -104,11 +110,16 @@ class ReplayBuffer:
         return pool[order[:k]]
 
     def available(self, min_version: int) -> dict[str, int]:
-        """Rows the sampler could use now: fresh on-policy rows and off-policy rows."""
-        return {
-            "on_policy": int(((self.source == _STUDENT) & (self.version >= min_version)).sum()),
-            "off_policy": int((self.source != _STUDENT).sum()),
-        }
+        """Rows the sampler could serve now: fresh, unspent on-policy and off-policy rows."""
+        on, off = self._usable(min_version)
+        return {"on_policy": int(on.sum()), "off_policy": int(off.sum())}
+
+    def _usable(self, min_version: int) -> tuple[np.ndarray, np.ndarray]:
+        """Boolean masks of the on- and off-policy rows that are fresh enough and not spent."""
+        student = self.source == _STUDENT
+        on = student & (self.version >= min_version) & (self.uses < self.max_uses[0])
+        off = ~student & (self.uses < self.max_uses[1])
+        return on, off
 
     def all_rows(self) -> pa.Table:
         return self.table

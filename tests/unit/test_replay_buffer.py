@@ -63,6 +63,18 @@ def test_sample_uses_every_row_before_reusing_any():
     assert sorted(seen) == sorted(f"s{i}" for i in range(12))
 
 
+def test_rows_are_spent_after_their_allowed_uses():
+    buf = ReplayBuffer(1000, seed=0, on_policy_uses=1, off_policy_uses=2)
+    buf.append(rows_to_batch([make_row(i, "student") for i in range(4)] +
+                             [make_row(10 + i, "teacher") for i in range(2)]))
+    first = batch_to_rows(buf.sample(4, 0.5, 0))
+    second = batch_to_rows(buf.sample(4, 0.5, 0))
+    on_ids = [r.sample_id for r in first + second if r.source == "student"]
+    assert sorted(on_ids) == [f"s{i}" for i in range(4)]  # each student row served once
+    assert buf.available(0) == {"on_policy": 0, "off_policy": 0}
+    assert buf.sample(2, 0.5, 0) is None  # spent: the learner waits for new rollouts
+
+
 def test_fifo_eviction_keeps_the_newest_rows():
     buf = ReplayBuffer(10)
     for start in range(0, 25, 5):
