@@ -101,12 +101,14 @@ class LearnerWorker:
             return {"loss": float("nan"), "skipped_nonfinite": 1.0, "tokens": 0.0}
         self.engine.backward(loss)
         self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
         self.objective.after_student_step(out, batch)
         self.steps += 1
         self.tokens += batch.num_tokens
         self.busy_seconds += time.time() - t0
         return {"loss": float(loss.detach()), "tokens": float(batch.num_tokens),
-                "skipped_nonfinite": 0.0, "seconds": time.time() - t0, **metrics}
+                "skipped_nonfinite": 0.0, "seconds": time.time() - t0,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), **metrics}
 
     def export_weights(self, transport: str, bucket_mib: int, dtype: str) -> Optional[Any]:
         """Full weights in HF names, packed by rank 0; every rank must call it (ZeRO-3 gather)."""

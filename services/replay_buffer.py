@@ -69,6 +69,8 @@ class ReplayBuffer:
             self._seal(table)
         self._add(table)
         self._evict()
+        if self.spill_dir:  # the manifest names the new segment only once it is complete
+            self._drop_sealed_segments()
         tokens = int(pa.compute.sum(pa.compute.list_value_length(table.column("response_ids"))).as_py() or 0)
         return {"rows": table.num_rows, "tokens": tokens, "held": self.table.num_rows}
 
@@ -88,8 +90,6 @@ class ReplayBuffer:
         self.table = self.table.slice(extra)
         self.source, self.version, self.uses = self.source[extra:], self.version[extra:], self.uses[extra:]
         self.evicted += extra
-        if self.spill_dir:
-            self._drop_sealed_segments()
 
     # -- reading --------------------------------------------------------------------------
     def sample(self, n: int, on_policy_fraction: float, min_version: int) -> Optional[pa.Table]:
@@ -143,7 +143,6 @@ class ReplayBuffer:
             writer.write_table(table.cast(SCHEMA))
         os.replace(tmp, self.spill_dir / name)
         self._segments.append({"file": name, "rows": table.num_rows})
-        self._write_manifest()
 
     def _drop_sealed_segments(self) -> None:
         """Delete whole segments that eviction has passed; a partly evicted one stays."""

@@ -110,3 +110,13 @@ def test_bad_rows_are_refused_with_the_column_name():
         rows_to_batch([bad])
     with pytest.raises(ValueError, match="schema"):
         ReplayBuffer(5).append(pa.table({"x": [1]}))
+
+
+@pytest.mark.parametrize("capacity", [100, 10, 7])
+def test_recovery_after_each_append_holds_exactly_the_held_rows(tmp_path, capacity):
+    buf = ReplayBuffer(capacity, spill_dir=str(tmp_path))
+    for start in range(0, 24, 4):
+        buf.append(rows_to_batch([make_row(i, "teacher") for i in range(start, start + 4)]))
+        again = ReplayBuffer(capacity, spill_dir=str(tmp_path))
+        assert ([r.sample_id for r in batch_to_rows(again.all_rows())] ==
+                [r.sample_id for r in batch_to_rows(buf.all_rows())])

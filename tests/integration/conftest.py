@@ -1,0 +1,38 @@
+"""Integration fixtures: a real embedded Ray cluster per test session, tiny random models."""
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    # A fresh temp dir per session: a stale ray_current_cluster file breaks ray.init (PLATFORM.md).
+    tmp = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
+    ray.init(num_cpus=6, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def save_tiny_llama(path, seed: int, vocab: int = 48, layers: int = 2) -> str:
+    """A random Llama-architecture HF model dir (head_dim 32, as vLLM's CPU attention needs)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    # Sharper logits than the default init, so greedy choices are far from ties.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return save_tiny_llama(root / "a", seed=1), save_tiny_llama(root / "b", seed=2)
