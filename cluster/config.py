@@ -93,6 +93,13 @@ class LossConfig(_Strict):
     teacher_signal: Literal["topk"] = "topk"
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _known_loss_and_params(self) -> "LossConfig":
+        # Checked here, not in the learner actors, so a typo fails before anything starts.
+        from learner.objective import check_loss
+        check_loss(self.name, self.params)
+        return self
+
 
 class StatusConfig(_Strict):
     enabled: bool = True

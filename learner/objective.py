@@ -43,6 +43,11 @@ class DistributionObjective:
         pass
 
 
+def check_loss(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``loss.name`` and ``loss.params``; returns the params with defaults filled in."""
+    return get_loss(name).resolve_params(params)
+
+
 def make_objective(loss: dict, *, hidden_size: int, vocab_size: int):
     """Build the objective for a ``loss`` config section (a dict)."""
     return DistributionObjective(loss["name"], loss.get("params") or {})
