@@ -76,6 +76,7 @@ class Trainer:
         self.tokens = 0
         self.train_seconds = 0.0
         self.nonfinite_in_a_row = 0
+        self.max_lag = 0
         self.global_batch = cfg.learner.micro_batch * cfg.learner.actors
         self.n_on = int(round(self.global_batch * cfg.buffer.on_policy_fraction))
 
@@ -89,6 +90,7 @@ class Trainer:
             self.global_batch, self.cfg.buffer.on_policy_fraction, self.min_version))
         if table is None:
             return False
+        self._note_lag(table)
         t0 = time.time()
         ref = ray.put(table)
         results = ray.get([l.train_step.remote(ref) for l in self.actors.learners])
@@ -108,6 +110,13 @@ class Trainer:
         self.history.append({"step": self.step, **merged})
         self.status.record_loss(self.step, merged)
         return True
+
+    def _note_lag(self, table) -> None:
+        """Track how many weight versions the oldest on-policy row of a batch lags behind."""
+        versions = [v for v, s in zip(table.column("policy_version").to_pylist(),
+                                      table.column("source").to_pylist()) if s == "student"]
+        if versions:
+            self.max_lag = max(self.max_lag, self.version - min(versions))
 
     def push_weights(self) -> None:
         """Pack weights on rank 0 (all ranks enter, for ZeRO-3) and queue the load on students."""
@@ -159,6 +168,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             "teacher_score": teacher_eval["score"], "student_score_before": before["score"],
             "student_score_after": after["score"], "steps": trainer.step,
             "final_weight_version": trainer.version, "rows_by_source": buffer_stats["rows_by_source"],
+            "max_on_policy_lag": trainer.max_lag,
             "rows_generated": trainer.pump.rows, "wall_seconds": time.time() - started,
             "rollout_tokens_per_s": trainer.pump.tokens_per_s(),
             "learner_tokens_per_s": trainer.learner_tokens_per_s(),

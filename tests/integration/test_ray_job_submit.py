@@ -1,0 +1,73 @@
+"""The demo config submitted to a running Ray cluster with ``ray job submit``, as users do.
+
+The head runs with ``--block`` in its own session so the test can stop exactly this cluster
+(``ray stop`` would stop every Ray on the machine, including other tests' clusters).
+Token auth is disabled on this throwaway head (PLATFORM.md): nothing is written to $HOME.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert head.poll() is None, "ray start --head exited early"
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"the Ray dashboard at {url} did not come up")
+
+
+def test_demo_config_runs_under_ray_job_submit(toy_world, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    temp_dir = tempfile.mkdtemp(prefix="rayhead_", dir="/tmp")  # short: socket paths have a limit
+    dash = free_port()
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--num-cpus=6", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        wait_for_dashboard(url, head)
+        out = tmp_path / "runs"
+        job = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", f"--address={url}", f"--working-dir={ROOT}",
+             "--", sys.executable, "-m", "cluster.cli", "run", "configs/local-cpu.yaml", "name=submitted",
+             f"models.toy_root={ROOT / 'artifacts' / 'toy'}", f"output_dir={out}", "learner.steps=6",
+             "learner.sync_every=2", "data.eval_size=20", "rollout.prompts_per_batch=32",
+             f"status.port={free_port()}"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+        assert "succeeded" in job.stdout
+        report = json.loads((out / "submitted" / "report.json").read_text())
+        assert report["steps"] == 6 and report["final_weight_version"] == 3
+        assert report["config"]["ray"]["address"] is None  # found through RAY_ADDRESS of the job
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
