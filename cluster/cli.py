@@ -65,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"ammd: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        import ray
+        if not isinstance(err, ray.exceptions.RayActorError):
+            raise
+        # Restarting dead rollout actors is the driver's job in a later version; until then
+        # the job stops with a line that says which kind of actor died, not a wall of Ray text.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"ammd: error: a Ray actor died during the job ({first}); its log is above", file=sys.stderr)
+        return 1
     return 0
 
 

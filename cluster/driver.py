@@ -77,6 +77,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.nonfinite_in_a_row = 0
         self.max_lag = 0
+        self.evals: list[dict] = []
         self.global_batch = cfg.learner.micro_batch * cfg.learner.actors
         self.n_on = int(round(self.global_batch * cfg.buffer.on_policy_fraction))
 
@@ -110,6 +111,12 @@ class Trainer:
         self.history.append({"step": self.step, **merged})
         self.status.record_loss(self.step, merged)
         return True
+
+    def save(self, root: Path) -> None:
+        """A DeepSpeed checkpoint of every rank (model, optimiser, objective state)."""
+        client_state = {"step": self.step, "weight_version": self.version}
+        tags = ray.get([l.save.remote(str(root), client_state) for l in self.actors.learners])
+        log(f"checkpoint {root / tags[0]}")
 
     def _note_lag(self, table) -> None:
         """Track how many weight versions the oldest on-policy row of a batch lags behind."""
@@ -154,11 +161,12 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     try:
         log("starting actors (buffer, rollout engines, learner group)")
         actors = start_actors(cfg, cfg.models.teacher, cfg.models.student, pair)
-        status.update(state="evaluating", actors=_actor_names(actors))
+        status.update(state="evaluating", actors={n: {"state": "starting", "last_seen_s": None}
+                                                  for n in _actor_names(actors)})
         teacher_eval = greedy_score(actors.teachers[0], evals, pair.tokenizer, cfg.eval.metric)
         before = greedy_score(actors.students[0], evals, pair.tokenizer, cfg.eval.metric)
         log(f"before training: teacher {teacher_eval['score']:.3f}, student {before['score']:.3f}")
-        trainer = _train(cfg, actors, status, train)
+        trainer = _train(cfg, actors, status, train, evals, pair.tokenizer)
         after = greedy_score(actors.students[0], evals, pair.tokenizer, cfg.eval.metric)
         log(f"after training: student {after['score']:.3f} (was {before['score']:.3f}, "
             f"teacher {teacher_eval['score']:.3f})")
@@ -168,7 +176,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             "teacher_score": teacher_eval["score"], "student_score_before": before["score"],
             "student_score_after": after["score"], "steps": trainer.step,
             "final_weight_version": trainer.version, "rows_by_source": buffer_stats["rows_by_source"],
-            "max_on_policy_lag": trainer.max_lag,
+            "max_on_policy_lag": trainer.max_lag, "evals": trainer.evals,
             "rows_generated": trainer.pump.rows, "wall_seconds": time.time() - started,
             "rollout_tokens_per_s": trainer.pump.tokens_per_s(),
             "learner_tokens_per_s": trainer.learner_tokens_per_s(),
@@ -189,15 +197,22 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             server.stop()
 
 
-def _actor_names(actors: Actors) -> dict[str, str]:
-    names = {f"student-{i}": "alive" for i in range(len(actors.students))}
-    names.update({f"teacher-{i}": "alive" for i in range(len(actors.teachers))})
-    names.update({f"learner-{i}": "alive" for i in range(len(actors.learners))})
-    names["buffer"] = "alive"
-    return names
+def _actor_names(actors: Actors) -> list[str]:
+    return ([f"student-{i}" for i in range(len(actors.students))] +
+            [f"teacher-{i}" for i in range(len(actors.teachers))] +
+            [f"learner-{i}" for i in range(len(actors.learners))] + ["buffer"])
 
 
-def _train(cfg: JobConfig, actors: Actors, status: JobStatus, train) -> Trainer:
+def _evaluate_during(trainer: Trainer, evals, tokenizer, status: JobStatus) -> None:
+    """Score the student actor's current weights (the last pushed version) on held-out prompts."""
+    result = greedy_score(trainer.actors.students[0], evals, tokenizer, trainer.cfg.eval.metric)
+    trainer.evals.append({"step": trainer.step, "weight_version": trainer.version, "score": result["score"]})
+    status.update(evals=trainer.evals)
+    log(f"step {trainer.step}: student {trainer.cfg.eval.metric} {result['score']:.3f} "
+        f"(weight version {trainer.version})")
+
+
+def _train(cfg: JobConfig, actors: Actors, status: JobStatus, train, evals, tokenizer) -> Trainer:
     trainer = Trainer(cfg, actors, status)
     pump = RolloutPump(actors.students, actors.teachers, actors.buffer,
                        prompt_stream(train, cfg.rollout.prompts_per_batch, cfg.seed))
@@ -213,6 +228,10 @@ def _train(cfg: JobConfig, actors: Actors, status: JobStatus, train) -> Trainer:
             continue
         if trainer.step % cfg.learner.sync_every == 0:
             trainer.push_weights()
+        if cfg.learner.save_every and trainer.step % cfg.learner.save_every == 0:
+            trainer.save(Path(cfg.output_dir).resolve() / cfg.name / "checkpoints")
+        if cfg.eval.every and trainer.step % cfg.eval.every == 0:
+            _evaluate_during(trainer, evals, tokenizer, status)
         _publish(trainer, pump, status)
         if trainer.step % log_every == 0 or trainer.step == cfg.learner.steps:
             last = trainer.history[-1] if trainer.history else {}
@@ -226,7 +245,12 @@ def _train(cfg: JobConfig, actors: Actors, status: JobStatus, train) -> Trainer:
 
 
 def _publish(trainer: Trainer, pump: RolloutPump, status: JobStatus) -> None:
-    status.update(step=trainer.step, weight_version=trainer.version,
+    # Learner ranks answered this step (a step waits on every rank); rollout actors report
+    # when their last request landed, so a hung engine shows as a growing last_seen_s.
+    actors = {f"learner-{i}": {"state": "alive", "last_seen_s": 0.0} for i in range(len(trainer.actors.learners))}
+    actors.update(pump.health())
+    actors["buffer"] = {"state": "alive", "last_seen_s": 0.0}
+    status.update(actors=actors, step=trainer.step, weight_version=trainer.version,
                   buffer=ray.get(trainer.actors.buffer.stats.remote()),
                   rollout_tokens_per_s=pump.tokens_per_s(),
                   learner_tokens_per_s=trainer.learner_tokens_per_s())

@@ -40,6 +40,8 @@ class RolloutPump:
     tokens: int = 0
     rows: dict = field(default_factory=lambda: {"student": 0, "teacher": 0})
     started: float = field(default_factory=time.time)
+    last_seen: dict = field(default_factory=dict)  # "student-0" -> time of its last finished request
+    dead: set = field(default_factory=set)
     _next_teacher: int = 0
 
     def _busy(self, kind: str, index: int) -> bool:
@@ -83,10 +85,24 @@ class RolloutPump:
 
     def _collect(self, done: list) -> None:
         for ref in done:
-            kind, _ = self.inflight.pop(ref)
-            result = ray.get(ref)  # raises the actor's error, with its traceback
+            kind, index = self.inflight.pop(ref)
+            try:
+                result = ray.get(ref)  # raises the actor's error, with its traceback
+            except ray.exceptions.RayActorError:
+                self.dead.add(f"{kind}-{index}")
+                raise
+            self.last_seen[f"{kind}-{index}"] = time.time()
             self.tokens += result["tokens"]
             self.rows[kind] += result["rows"]
+
+    def health(self) -> dict[str, dict]:
+        """Per rollout actor: alive/dead and seconds since its last finished request."""
+        now = time.time()
+        names = [f"student-{i}" for i in range(len(self.students))] + \
+                [f"teacher-{i}" for i in range(len(self.teachers))]
+        return {n: {"state": "dead" if n in self.dead else "alive",
+                    "last_seen_s": round(now - self.last_seen[n], 1) if n in self.last_seen else None}
+                for n in names}
 
     def tokens_per_s(self) -> float:
         return self.tokens / max(time.time() - self.started, 1e-9)

@@ -128,7 +128,9 @@ class LearnerWorker:
 
     def save(self, path: str, client_state: dict) -> str:
         tag = f"step{self.steps}"
-        self.engine.save_checkpoint(path, tag=tag, client_state=client_state)
+        # The objective's own state (AMM's adversaries and their optimisers) rides along.
+        state = {**client_state, "objective": self.objective.state_dict()}
+        self.engine.save_checkpoint(path, tag=tag, client_state=state)
         return tag
 
     def stats(self) -> dict[str, float]:

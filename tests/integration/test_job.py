@@ -39,7 +39,7 @@ def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness):
     cmd = [str(ammd), "run", "configs/local-cpu.yaml", f"name=job-s{staleness}",
            f"output_dir={tmp_path}", "learner.steps=12", "learner.sync_every=4",
            f"buffer.max_staleness={staleness}", f"status.port={port}", "data.eval_size=50",
-           "rollout.prompts_per_batch=32"]
+           "rollout.prompts_per_batch=32", "learner.save_every=12", "eval.every=6"]
     env = {**os.environ}
     log = (tmp_path / "job.log").open("w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -72,3 +72,5 @@ def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness):
     assert "step 12/12" in text  # progress was shown
     # Every on-policy row the learner used was at most `staleness` versions old.
     assert report["max_on_policy_lag"] <= staleness
+    assert [e["step"] for e in report["evals"]] == [6, 12]
+    assert (tmp_path / f"job-s{staleness}" / "checkpoints" / "step12").is_dir()
