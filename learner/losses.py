@@ -16,11 +16,11 @@ divergence over the full vocabulary; it is exact when k = V. Padded top-k slots 
 <= -1e3, id 0) are dropped: they add no term and are not counted in the student's top-k mass.
 Both tails are floored at ``TAIL_LOG_FLOOR`` so an empty tail (-inf) never yields inf or NaN.
 
-Memory. Masked positions are flattened to [N, V] rows and processed ``chunk_size`` rows at a
-time, each chunk under ``torch.utils.checkpoint`` (non-reentrant): autograd keeps only a chunk's
-inputs, and the float32 [chunk, V] intermediates (log-softmax, probabilities, mixtures) are
-rebuilt one chunk at a time in the backward pass. ``naive=True`` (or :func:`reference_loss`)
-computes the same value in one unchunked, uncheckpointed pass, for comparisons.
+Memory. Masked positions are processed ``chunk_size`` at a time, and each chunk's gradient with
+respect to the student logits is computed in the forward pass (``_ChunkedMean``), so only one
+chunk's float32 [chunk, V] intermediates (log-softmax, probabilities, mixtures) exist at a time,
+plus the gradient buffer itself. ``naive=True`` (or :func:`reference_loss`) computes the same
+value in one unchunked pass with ordinary autograd, for comparisons.
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from learner.teacher_signal import TeacherSignal, TopKSignal
 
@@ -139,41 +138,60 @@ def _per_position_sft(student, labels):
 
 # ------------------------------------------------------------------ chunked masked mean
 
-def _select(side: Any, mask: torch.Tensor) -> Any:
+def _select(side: Any, index: tuple) -> Any:
+    """Rows of the teacher side at ``index`` (advanced indexing: a copy of just those rows)."""
     if isinstance(side, TopKSignal):
-        return TopKSignal(side.ids[mask], side.logprobs[mask], side.tail_logmass[mask])
-    return side[mask]
+        return TopKSignal(side.ids[index], side.logprobs[index], side.tail_logmass[index])
+    return side if side is None else side[index]
 
 
-def _rows(side: Any, start: int, end: int) -> Any:
-    if isinstance(side, TopKSignal):
-        return TopKSignal(side.ids[start:end], side.logprobs[start:end], side.tail_logmass[start:end])
-    return side[start:end]
+class _ChunkedMean(torch.autograd.Function):
+    """Sum of a per-position loss and its gradient, computed one chunk of positions at a time.
+
+    The forward pass computes each chunk's loss and, at once, the gradient of that loss with
+    respect to the chunk's logits, writing it into a buffer shaped like ``student_logits``
+    (zero at unmasked positions). The backward pass only scales that buffer. So the peak is
+    the gradient buffer, which any loss must hand back, plus one chunk's float32 intermediates:
+    no [N, V] log-softmax, probabilities or mixtures are ever alive together.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, per_position, side, positions, chunk_size, params):
+        grad = torch.zeros_like(student_logits) if student_logits.requires_grad else None
+        total = torch.zeros((), dtype=_compute_dtype(student_logits), device=student_logits.device)
+        for start in range(0, positions[0].numel(), chunk_size):
+            index = tuple(p[start:start + chunk_size] for p in positions)
+            x = student_logits[index].detach()
+            if grad is None:
+                total = total + per_position(x, _select(side, index), **params).sum()
+                continue
+            with torch.enable_grad():
+                x.requires_grad_(True)
+                part = per_position(x, _select(side, index), **params).sum()
+                (g,) = torch.autograd.grad(part, x)
+            grad[index] = g.to(grad.dtype)
+            total = total + part.detach()
+        ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None
 
 
 def _masked_mean(per_position: Callable, student_logits: torch.Tensor, side: Any,
                  mask: torch.Tensor, chunk_size: int, naive: bool, **params) -> torch.Tensor:
-    """Mean of ``per_position`` over masked positions, chunked and checkpointed unless naive."""
+    """Mean of ``per_position`` over masked positions: chunked (see _ChunkedMean) unless naive."""
     mask = mask.to(torch.bool)
     dt = _compute_dtype(student_logits)
     if not bool(mask.any()):  # an empty sum: zero, still attached to the graph
         return student_logits.reshape(-1)[:0].to(dt).sum()
-    s = student_logits[mask]
-    side = _select(side, mask)
-    n = s.shape[0]
+    positions = mask.nonzero(as_tuple=True)
+    n = positions[0].numel()
     if naive:
-        return per_position(s, side, **params).sum() / n
-    use_ckpt = torch.is_grad_enabled() and s.requires_grad
-    total = None
-    for start in range(0, n, chunk_size):
-        end = min(start + chunk_size, n)
-        args = (s[start:end], _rows(side, start, end))
-        if use_ckpt:
-            part = checkpoint(per_position, *args, use_reentrant=False, **params).sum()
-        else:
-            part = per_position(*args, **params).sum()
-        total = part if total is None else total + part
-    return total / n
+        return per_position(student_logits[positions], _select(side, positions), **params).sum() / n
+    return _ChunkedMean.apply(student_logits, per_position, side, positions, chunk_size, params) / n
 
 
 # ----------------------------------------------------------------------------- the losses
