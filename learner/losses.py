@@ -139,9 +139,14 @@ def _per_position_sft(student, labels):
 # ------------------------------------------------------------------ chunked masked mean
 
 def _select(side: Any, index: tuple) -> Any:
-    """Rows of the teacher side at ``index`` (advanced indexing: a copy of just those rows)."""
+    """Rows of a per-position side input at ``index`` (a copy of just those rows).
+
+    ``side`` is a [B, T, ...] tensor, a TopKSignal, None, or a tuple of these.
+    """
     if isinstance(side, TopKSignal):
         return TopKSignal(side.ids[index], side.logprobs[index], side.tail_logmass[index])
+    if isinstance(side, tuple):
+        return tuple(_select(x, index) for x in side)
     return side if side is None else side[index]
 
 
@@ -178,6 +183,20 @@ class _ChunkedMean(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         return grad * grad_out.to(grad.dtype), None, None, None, None, None
+
+
+def chunked_sum(per_position: Callable, student_logits: torch.Tensor, side: Any,
+                mask: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, **params) -> torch.Tensor:
+    """Sum of ``per_position(rows, side_rows, **params)`` over masked positions, in chunks.
+
+    ``per_position`` maps [n, V] logits (and the matching rows of ``side``) to [n] values; the
+    gradient with respect to ``student_logits`` is built chunk by chunk (see _ChunkedMean).
+    """
+    mask = mask.to(torch.bool)
+    if not bool(mask.any()):
+        return student_logits.reshape(-1)[:0].to(_compute_dtype(student_logits)).sum()
+    positions = mask.nonzero(as_tuple=True)
+    return _ChunkedMean.apply(student_logits, per_position, side, positions, chunk_size, params)
 
 
 def _masked_mean(per_position: Callable, student_logits: torch.Tensor, side: Any,

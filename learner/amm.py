@@ -1,0 +1,251 @@
+"""Adversarial moment matching (AMM, arXiv 2406.02959): adversaries, moment gap, both losses.
+
+Per state s (prompt plus response prefix) with teacher p = pi*(.|s), student q = pi_theta(.|s)
+and an adversary f(s, .) in [-1, 1]^V, the moment gap is
+
+    g_f(s) = sum_a (p(a) - q(a)) f(s, a)                                  (``moment_gap``)
+
+The on-policy distance averages g over the states of the student's own samples, the
+off-policy distance over the teacher's samples, each per response (1/|y| sum_t g(s_t)) and
+then over responses:  L = beta * D_off(f_off) + (1 - beta) * D_on(f_on).
+The adversaries ascend L; the student descends it. D_off differentiates directly (its states
+do not depend on theta). D_on's states are sampled from theta, so its gradient adds a
+score-function term (``student_loss``):
+
+    grad D_on = E[ 1/|y| sum_t grad g(s_t) + 1/|y| sum_t grad log q(y_t|s_t) * (G_t - b_t) ]
+    G_t = sum_{t' > t} g(s_t')   (return-to-go of the per-step gap; g(s_t) itself does not
+                                  depend on y_t, so it is excluded)
+
+with a baseline b_t (leave-one-out mean of G_t over the batch's other on-policy rows: it does
+not depend on the row's own actions, so it adds no bias), and a per-token importance ratio
+min(q(y_t|s_t) / mu(y_t|s_t), ratio_clip) for rows sampled by an older weight version mu
+(1 for fresh rows). The length normalisation 1/|y| is treated as a constant: exact for fixed
+length responses, the usual approximation otherwise.
+
+Top-k teacher signal. sum_a p(a) f(a) is the exact top-k part plus the tail mass times an
+estimate of f over the tail; ``tail="student_mean"`` (default) uses the student-weighted mean
+of f over the tokens outside the top-k, ``tail="zero"`` drops the tail (f = 0 there). With
+k = V both are exact. The student term sum_a q(a) f(a) is always exact.
+
+The adversaries are Q-heads on the student's final hidden state (detached): tanh of a linear
+map (``head="linear"``) or of a one-hidden-layer MLP (``head="mlp"``) to V values.
+All maths works through positions in chunks (``learner.losses.chunked_sum``), so no [N, V]
+intermediate beyond the gradient buffer is ever alive.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from learner.losses import (DEFAULT_CHUNK_SIZE, PAD_LOGPROB_THRESHOLD, TAIL_LOG_FLOOR, _NEG,
+                            _select, chunked_sum)
+from learner.teacher_signal import TeacherSignal, TopKSignal
+
+TAILS = ("student_mean", "zero")
+BASELINES = ("loo", "none")
+HEADS = ("linear", "mlp")
+
+
+class QHead(nn.Module):
+    """f(s, .) = tanh(head(h_s)) in [-1, 1]^V from a hidden state h_s of size ``hidden``."""
+
+    def __init__(self, hidden: int, vocab: int, kind: str = "linear", width: Optional[int] = None):
+        super().__init__()
+        if kind not in HEADS:
+            raise ValueError(f"unknown AMM head {kind!r}; loss.params.head must be one of {HEADS}")
+        if kind == "linear":
+            self.net = nn.Linear(hidden, vocab)
+        else:
+            width = width or 2 * hidden
+            self.net = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, vocab))
+        for m in self.modules():  # start near f = 0: the adversary has learned nothing yet
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(h.to(self.net_dtype)))
+
+    @property
+    def net_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+# ------------------------------------------------------------------------ the moment gap
+
+def _gap_rows(student: torch.Tensor, teacher: TeacherSignal, f: torch.Tensor, tail: str) -> torch.Tensor:
+    """g = sum_a (p - q) f for [n, V] student logits, teacher rows and [n, V] adversary values."""
+    dt = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s, f = student.to(dt), f.to(dt)
+    q = torch.softmax(s, dim=-1)
+    student_term = (q * f).sum(-1)
+    if isinstance(teacher, torch.Tensor):
+        return (torch.softmax(teacher.to(dt), dim=-1) * f).sum(-1) - student_term
+    valid = teacher.logprobs > PAD_LOGPROB_THRESHOLD
+    p_k = torch.where(valid, teacher.logprobs.to(dt).exp(), torch.zeros((), dtype=dt, device=s.device))
+    top = (p_k * f.gather(1, teacher.ids)).sum(-1)
+    if tail == "zero":
+        return top - student_term
+    n, v = s.shape
+    ids = torch.where(valid, teacher.ids, v)  # padded slots go to a dummy column
+    covered = torch.zeros(n, v + 1, dtype=torch.bool, device=s.device).scatter_(1, ids, True)[:, :v]
+    w_tail = torch.softmax(s.masked_fill(covered, _NEG), dim=-1)  # q restricted to the tail
+    p_tail = teacher.tail_logmass.to(dt).clamp(min=TAIL_LOG_FLOOR).exp()
+    p_tail = torch.where(covered.all(-1), torch.zeros_like(p_tail), p_tail)
+    return top + p_tail * (w_tail * f).sum(-1) - student_term
+
+
+def moment_gap(student_logits: torch.Tensor, teacher: TeacherSignal, q_values: torch.Tensor,
+               mask: torch.Tensor, tail: str = "student_mean") -> torch.Tensor:
+    """[B, T] gap sum_a (pi*(a|s_t) - pi_theta(a|s_t)) f(s_t, a); 0 where ``mask`` is false."""
+    m = mask.to(torch.bool)
+    out = torch.zeros(m.shape, dtype=torch.float64 if student_logits.dtype == torch.float64
+                      else torch.float32, device=student_logits.device)
+    if m.any():
+        idx = m.nonzero(as_tuple=True)
+        out = out.index_put(idx, _gap_rows(student_logits[idx], _select(teacher, idx), q_values[idx], tail))
+    return out
+
+
+# --------------------------------------------------------------------- distances, weights
+
+def row_weights(mask: torch.Tensor, is_on_policy: torch.Tensor, beta: float) -> tuple[torch.Tensor, ...]:
+    """Per-position weights w with sum_t w g_t = the batch's D_on, D_off and L.
+
+    A row's positions get 1/|y| divided by the number of rows of its kind; L's weights scale
+    the on-policy rows by (1 - beta) and the off-policy rows by beta. Returns (w_on, w_off, w_L).
+    """
+    m = mask.to(torch.float64)
+    lengths = m.sum(1).clamp(min=1)
+    on = is_on_policy.to(torch.bool)
+    n_on, n_off = int(on.sum()), int((~on).sum())
+    per_pos = m / lengths[:, None]
+    w_on = per_pos * on[:, None] / max(n_on, 1)
+    w_off = per_pos * (~on)[:, None] / max(n_off, 1)
+    return w_on, w_off, (1 - beta) * w_on + beta * w_off
+
+
+def returns_to_go(gap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """G_t = sum_{t' > t} gap_t' over the row's real positions."""
+    g = gap * mask
+    return g.flip(1).cumsum(1).flip(1) - g
+
+
+def baseline(G: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-position baseline: the mean of G_t over the OTHER ``rows`` that reach position t."""
+    if kind == "none":
+        return torch.zeros_like(G)
+    m = (mask.to(torch.bool) & rows.to(torch.bool)[:, None]).to(G.dtype)
+    total, count = (G * m).sum(0, keepdim=True), m.sum(0, keepdim=True)
+    others = (count - m).clamp(min=1)
+    return torch.where(count - m > 0, (total - G * m) / others, torch.zeros_like(G))
+
+
+# ---------------------------------------------------------------------------- the losses
+
+def _student_terms(x, side, tail):
+    """w_direct * g(s) + w_pg * log q(y|s) for [n, V] student logits (f is held fixed)."""
+    teacher, f, y, w_direct, w_pg = side
+    gap = _gap_rows(x, teacher, f, tail)
+    logq = torch.log_softmax(x.to(gap.dtype), dim=-1).gather(1, y[:, None])[:, 0]
+    return w_direct.to(gap.dtype) * gap + w_pg.to(gap.dtype) * logq
+
+
+@dataclass
+class StudentInputs:
+    """What the student loss needs from a batch (shapes [B, T] unless stated)."""
+    response_ids: torch.Tensor
+    mask: torch.Tensor
+    is_on_policy: torch.Tensor       # [B]
+    behavior_logprobs: torch.Tensor
+
+
+def student_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values: torch.Tensor,
+                 batch: StudentInputs, beta: float, *, tail: str = "student_mean",
+                 baseline_kind: str = "loo", ratio_clip: float = 2.0,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, dict[str, float]]:
+    """The student's surrogate: its gradient estimates grad L (see the module docstring).
+
+    ``q_values`` [B, T, V] are the adversaries' values at each position (f_on on on-policy
+    rows, f_off on off-policy rows); they are treated as constants here.
+    """
+    mask, on = batch.mask.to(torch.bool), batch.is_on_policy.to(torch.bool)
+    f = q_values.detach()
+    with torch.no_grad():
+        gap = moment_gap(student_logits.detach(), teacher, f, mask, tail)
+        w_on, w_off, w_all = row_weights(mask, on, beta)
+        dt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+        logq = torch.log_softmax(student_logits.detach().to(dt), -1).gather(
+            2, batch.response_ids[..., None].long())[..., 0]
+        G = returns_to_go(gap.double(), mask)
+        advantage = G - baseline(G, mask, on, baseline_kind)
+        ratio = (logq - batch.behavior_logprobs.to(dt)).exp().clamp(max=ratio_clip)
+        w_pg = (1 - beta) * w_on * ratio.double() * advantage  # zero on off-policy rows
+    side = (teacher, f, batch.response_ids.long(), w_all, w_pg)
+    loss = chunked_sum(_student_terms, student_logits, side, mask, chunk_size, tail=tail)
+    d_on, d_off = float((w_on * gap).sum()), float((w_off * gap).sum())
+    return loss, {"d_on": d_on, "d_off": d_off, "amm_objective": (1 - beta) * d_on + beta * d_off}
+
+
+def adversary_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values: torch.Tensor,
+                   mask: torch.Tensor, is_on_policy: torch.Tensor, beta: float,
+                   tail: str = "student_mean") -> torch.Tensor:
+    """-(beta D_off + (1 - beta) D_on): minimised by the adversaries (gradient ascent on L)."""
+    gap = moment_gap(student_logits.detach(), teacher, q_values, mask, tail)
+    _, _, w_all = row_weights(mask, is_on_policy, beta)
+    return -(w_all.to(gap.dtype) * gap).sum()
+
+
+def select_heads(f_on: torch.Tensor, f_off: torch.Tensor, is_on_policy: torch.Tensor) -> torch.Tensor:
+    """Each row's adversary values: f_on for student samples, f_off for teacher samples."""
+    return torch.where(is_on_policy.to(torch.bool)[:, None, None], f_on, f_off)
+
+
+def adversary_step(heads: tuple[QHead, QHead], optimizer: torch.optim.Optimizer, hidden: torch.Tensor,
+                   student_logits: torch.Tensor, teacher: TeacherSignal, mask: torch.Tensor,
+                   is_on_policy: torch.Tensor, beta: float, tail: str,
+                   reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None) -> float:
+    """One ascent step of both adversaries on a batch; returns the adversary loss before it."""
+    h = hidden.detach()
+    f = select_heads(heads[0](h), heads[1](h), is_on_policy)
+    loss = adversary_loss(student_logits, teacher, f, mask, is_on_policy, beta, tail)
+    optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+    reduce_grads([p.grad for head in heads for p in head.parameters()])
+    optimizer.step()
+    return float(loss.detach())
+
+
+AMM_DEFAULTS: dict[str, Any] = {
+    "beta": 0.5,           # weight of the off-policy distance; 0 = on-policy only, 1 = off-policy only
+    "adv_lr": 1e-3,        # Adam learning rate of the adversaries
+    "adv_steps": 1,        # adversary ascent steps per student step
+    "head": "linear",      # "linear" | "mlp"
+    "tail": "student_mean",  # top-k tail handling: "student_mean" | "zero"
+    "baseline": "loo",     # "loo" (leave-one-out mean of the return-to-go) | "none"
+    "ratio_clip": 2.0,     # cap of the per-token importance ratio for older rows
+    "chunk_size": DEFAULT_CHUNK_SIZE,
+}
+
+
+def resolve_amm_params(params: dict[str, Any]) -> dict[str, Any]:
+    """AMM_DEFAULTS overridden by ``params``; refuses unknown keys and bad values by name."""
+    unknown = sorted(set(params) - set(AMM_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown parameter {unknown[0]!r} for loss 'amm'; allowed: {sorted(AMM_DEFAULTS)}")
+    out = {**AMM_DEFAULTS, **params}
+    checks = [("beta", 0 <= float(out["beta"]) <= 1, "a number in [0, 1]"),
+              ("adv_lr", float(out["adv_lr"]) > 0, "a positive number"),
+              ("adv_steps", isinstance(out["adv_steps"], int) and out["adv_steps"] >= 0, "an integer >= 0"),
+              ("head", out["head"] in HEADS, f"one of {HEADS}"),
+              ("tail", out["tail"] in TAILS, f"one of {TAILS}"),
+              ("baseline", out["baseline"] in BASELINES, f"one of {BASELINES}"),
+              ("ratio_clip", float(out["ratio_clip"]) >= 1, "a number >= 1"),
+              ("chunk_size", isinstance(out["chunk_size"], int) and out["chunk_size"] >= 1, "an integer >= 1")]
+    for key, ok, want in checks:
+        if not ok:
+            raise ValueError(f"loss.params.{key}={out[key]!r} for loss 'amm' must be {want}")
+    return out
