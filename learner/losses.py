@@ -32,7 +32,7 @@ import torch
 
 from learner.teacher_signal import TeacherSignal, TopKSignal
 
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE = 256
 PAD_LOGPROB_THRESHOLD = -1e3  # a top-k slot with a teacher logprob at or below this is padding
 TAIL_LOG_FLOOR = -69.0        # log-mass floor of the tail bucket (exp(-69) ~ 1e-30)
 _NEG = -1e30                  # finite "minus infinity" (an all -inf logsumexp has a NaN gradient)
@@ -161,7 +161,7 @@ class _ChunkedMean(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, per_position, side, positions, chunk_size, params):
+    def forward(ctx, student_logits, per_position, side, positions, chunk_size, scale, params):
         grad = torch.zeros_like(student_logits) if student_logits.requires_grad else None
         total = torch.zeros((), dtype=_compute_dtype(student_logits), device=student_logits.device)
         for start in range(0, positions[0].numel(), chunk_size):
@@ -174,15 +174,19 @@ class _ChunkedMean(torch.autograd.Function):
                 x.requires_grad_(True)
                 part = per_position(x, _select(side, index), **params).sum()
                 (g,) = torch.autograd.grad(part, x)
-            grad[index] = g.to(grad.dtype)
+            grad[index] = (g * scale).to(grad.dtype)
             total = total + part.detach()
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
-        return total
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None
+        # The usual call sees grad_out == 1: hand the buffer itself on, so autograd adopts it
+        # as the gradient (the saved reference is released first) instead of copying it.
+        if bool(grad_out == 1):
+            return grad, None, None, None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None
 
 
 def chunked_sum(per_position: Callable, student_logits: torch.Tensor, side: Any,
@@ -196,7 +200,7 @@ def chunked_sum(per_position: Callable, student_logits: torch.Tensor, side: Any,
     if not bool(mask.any()):
         return student_logits.reshape(-1)[:0].to(_compute_dtype(student_logits)).sum()
     positions = mask.nonzero(as_tuple=True)
-    return _ChunkedMean.apply(student_logits, per_position, side, positions, chunk_size, params)
+    return _ChunkedMean.apply(student_logits, per_position, side, positions, chunk_size, 1.0, params)
 
 
 def _masked_mean(per_position: Callable, student_logits: torch.Tensor, side: Any,
@@ -210,7 +214,7 @@ def _masked_mean(per_position: Callable, student_logits: torch.Tensor, side: Any
     n = positions[0].numel()
     if naive:
         return per_position(student_logits[positions], _select(side, positions), **params).sum() / n
-    return _ChunkedMean.apply(student_logits, per_position, side, positions, chunk_size, params) / n
+    return _ChunkedMean.apply(student_logits, per_position, side, positions, chunk_size, 1.0 / n, params)
 
 
 # ----------------------------------------------------------------------------- the losses
