@@ -64,7 +64,7 @@ class LearnerWorker:
         if learner["gradient_checkpointing"]:
             model.gradient_checkpointing_enable()
         self.objective = make_objective(loss, hidden_size=model.config.hidden_size,
-                                        vocab_size=model.config.vocab_size)
+                                        vocab_size=model.config.vocab_size, device=self.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=learner["lr"],
                                       weight_decay=learner["weight_decay"])
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from learner.amm import (QHead, StudentInputs, adversary_step, resolve_amm_params, select_heads,
+                         student_loss)
 from learner.batch import LearnerBatch
-from learner.losses import get_loss
+from learner.losses import LOSSES, get_loss
 
 
 class DistributionObjective:
@@ -43,11 +45,77 @@ class DistributionObjective:
         pass
 
 
+class AMMObjective:
+    """Adversarial moment matching (``learner.amm``): two Q-head adversaries and their optimiser.
+
+    Per learner step: ``adv_steps`` ascent steps of the adversaries on the batch (student
+    detached), then the student's surrogate with the updated adversaries held fixed. Every rank
+    keeps a copy of the heads; their gradients are averaged over the learner group so the copies
+    stay identical, as DeepSpeed keeps the student's.
+    """
+
+    needs_hidden = True
+
+    def __init__(self, params: dict[str, Any], *, hidden_size: int, vocab_size: int, device="cpu"):
+        self.params = resolve_amm_params(params)
+        self.heads = tuple(QHead(hidden_size, vocab_size, self.params["head"]).to(device) for _ in range(2))
+        self.optimizer = torch.optim.Adam([p for h in self.heads for p in h.parameters()],
+                                          lr=float(self.params["adv_lr"]))
+
+    @staticmethod
+    def _average_over_ranks(grads: list[torch.Tensor]) -> None:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            torch.nn.utils.vector_to_parameters(flat, grads)
+
+    def loss(self, out: Any, batch: LearnerBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        p = self.params
+        logits = batch.response_logits(out.logits)
+        hidden = batch.response_logits(out.hidden_states[-1]).detach()
+        adv_losses = [adversary_step(self.heads, self.optimizer, hidden, logits, batch.teacher, batch.mask,
+                                     batch.is_on_policy, p["beta"], p["tail"], self._average_over_ranks)
+                      for _ in range(p["adv_steps"])]
+        with torch.no_grad():
+            f = select_heads(self.heads[0](hidden), self.heads[1](hidden), batch.is_on_policy)
+        inputs = StudentInputs(batch.response_ids, batch.mask, batch.is_on_policy, batch.behavior_logprobs)
+        value, metrics = student_loss(logits, batch.teacher, f, inputs, p["beta"], tail=p["tail"],
+                                      baseline_kind=p["baseline"], ratio_clip=p["ratio_clip"],
+                                      chunk_size=p["chunk_size"])
+        if adv_losses:
+            metrics["adversary_loss"] = adv_losses[0]
+        return value, metrics
+
+    def after_student_step(self, out: Any, batch: LearnerBatch) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"heads": [h.state_dict() for h in self.heads], "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for head, sd in zip(self.heads, state["heads"]):
+            head.load_state_dict(sd)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def loss_names() -> list[str]:
+    return sorted([*LOSSES, "amm"])
+
+
 def check_loss(name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Validate ``loss.name`` and ``loss.params``; returns the params with defaults filled in."""
+    if name == "amm":
+        return resolve_amm_params(params)
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; loss.name must be one of {loss_names()}")
     return get_loss(name).resolve_params(params)
 
 
-def make_objective(loss: dict, *, hidden_size: int, vocab_size: int):
+def make_objective(loss: dict, *, hidden_size: int, vocab_size: int, device: Any = "cpu"):
     """Build the objective for a ``loss`` config section (a dict)."""
-    return DistributionObjective(loss["name"], loss.get("params") or {})
+    params = loss.get("params") or {}
+    if loss["name"] == "amm":
+        return AMMObjective(params, hidden_size=hidden_size, vocab_size=vocab_size, device=device)
+    return DistributionObjective(loss["name"], params)

@@ -2,7 +2,8 @@
 
 The driver owns a ``JobStatus`` and updates it; the app only reads snapshots of it.
 - ``/healthz``: 200 while the job runs;
-- ``/status``: JSON (step, weight version, buffer rows by source, tokens/s, losses, actors);
+- ``/status``: JSON (step, weight version, buffer rows by source, tokens/s, the last losses and
+  their history (with AMM: D_on, D_off, adversary loss), actors' health);
 - ``/metrics``: the numeric fields as Prometheus text;
 - ``/``: a small page that polls ``/status`` and plots the loss.
 """
@@ -22,9 +23,9 @@ async function tick(){const s=await (await fetch('status')).json();
 document.getElementById('name').textContent=s.name;
 document.getElementById('state').textContent=`${s.state}: step ${s.step}/${s.total_steps}, weight version ${s.weight_version}`;
 document.getElementById('raw').textContent=JSON.stringify(s,null,2);
-const c=document.getElementById('plot').getContext('2d'),h=s.loss_history;c.clearRect(0,0,640,240);
-if(h.length>1){const ys=h.map(p=>p[1]),lo=Math.min(...ys),hi=Math.max(...ys)||1;c.beginPath();
-h.forEach((p,i)=>{const x=i*640/(h.length-1),y=230-(p[1]-lo)/(hi-lo||1)*220;i?c.lineTo(x,y):c.moveTo(x,y)});c.stroke();}}
+const c=document.getElementById('plot').getContext('2d'),h=s.history;c.clearRect(0,0,640,240);
+if(h.length>1){const ys=h.map(p=>p.loss),lo=Math.min(...ys),hi=Math.max(...ys)||1;c.beginPath();
+h.forEach((p,i)=>{const x=i*640/(h.length-1),y=230-(p.loss-lo)/(hi-lo||1)*220;i?c.lineTo(x,y):c.moveTo(x,y)});c.stroke();}}
 tick();setInterval(tick,2000);</script></body></html>"""
 
 
@@ -36,7 +37,7 @@ class JobStatus:
         self._state: dict[str, Any] = {
             "name": name, "state": "starting", "step": 0, "total_steps": total_steps,
             "weight_version": 0, "buffer": {}, "rollout_tokens_per_s": 0.0,
-            "learner_tokens_per_s": 0.0, "losses": {}, "loss_history": [], "actors": {},
+            "learner_tokens_per_s": 0.0, "losses": {}, "history": [], "actors": {},
             "started_at": time.time(), "updated_at": time.time(),
         }
 
@@ -48,8 +49,10 @@ class JobStatus:
     def record_loss(self, step: int, losses: dict[str, float], keep: int = 2000) -> None:
         with self._lock:
             self._state["losses"] = losses
-            history = self._state["loss_history"]
-            history.append((step, losses.get("loss", float("nan"))))
+            # Every metric of the step: the loss, grad norm and, under AMM, D_on, D_off and
+            # the adversary loss, so their curves can be drawn while the job runs.
+            history = self._state["history"]
+            history.append({"step": step, **losses})
             del history[:-keep]
 
     def snapshot(self) -> dict[str, Any]:
