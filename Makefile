@@ -11,7 +11,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING := 0
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench-memory clean
+.PHONY: setup demo test test-fast bench-memory docker-smoke clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ test-fast: setup
 
 bench-memory: setup
 	$(PY) -m bench.loss_memory --out bench/results/loss_memory.json
+
+# docker-compose smoke test (slow, root, Debian; not part of `make test`): docker/README.md
+docker-smoke:
+	docker/smoke.sh
 
 clean:
 	rm -rf runs .pytest_cache
