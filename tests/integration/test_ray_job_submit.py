@@ -53,13 +53,19 @@ def test_demo_config_runs_under_ray_job_submit(toy_world, tmp_path):
     try:
         wait_for_dashboard(url, head)
         out = tmp_path / "runs"
-        job = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", f"--address={url}", f"--working-dir={ROOT}",
-             "--", sys.executable, "-m", "cluster.cli", "run", "configs/local-cpu.yaml", "name=submitted",
-             f"models.toy_root={ROOT / 'artifacts' / 'toy'}", f"output_dir={out}", "learner.steps=6",
-             "learner.sync_every=2", "data.eval_size=20", "rollout.prompts_per_batch=32",
-             f"status.port={free_port()}"],
-            env=env, capture_output=True, text=True, timeout=600)
+        submit = [str(bin_dir / "ray"), "job", "submit", f"--address={url}", f"--working-dir={ROOT}",
+                  "--", sys.executable, "-m", "cluster.cli", "run", "configs/local-cpu.yaml", "name=submitted",
+                  f"models.toy_root={ROOT / 'artifacts' / 'toy'}", f"output_dir={out}", "learner.steps=6",
+                  "learner.sync_every=2", "data.eval_size=20", "rollout.prompts_per_batch=32",
+                  f"status.port={free_port()}"]
+        deadline = time.time() + 180
+        while True:
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            # The dashboard answers before the head's job agent registers (seconds on a busy
+            # machine); Ray asks to try again later.
+            if "No available agent" not in job.stderr + job.stdout or time.time() > deadline:
+                break
+            time.sleep(3)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         assert "succeeded" in job.stdout
         report = json.loads((out / "submitted" / "report.json").read_text())
