@@ -12,15 +12,18 @@ The adversaries ascend L; the student descends it. D_off differentiates directly
 do not depend on theta). D_on's states are sampled from theta, so its gradient adds a
 score-function term (``student_loss``):
 
-    grad D_on = E[ 1/|y| sum_t grad g(s_t) + 1/|y| sum_t grad log q(y_t|s_t) * (G_t - b_t) ]
-    G_t = sum_{t' > t} g(s_t')   (return-to-go of the per-step gap; g(s_t) itself does not
-                                  depend on y_t, so it is excluded)
+    grad D_on = E[ 1/|y| sum_t grad g(s_t) + sum_t grad log q(y_t|s_t) * (R - b) ],
+    R = 1/|y| sum_t g(s_t)                                   (``returns="full"``, default)
 
-with a baseline b_t (leave-one-out mean of G_t over the batch's other on-policy rows: it does
-not depend on the row's own actions, so it adds no bias), and a per-token importance ratio
-min(q(y_t|s_t) / mu(y_t|s_t), ratio_clip) for rows sampled by an older weight version mu
-(1 for fresh rows). The length normalisation 1/|y| is treated as a constant: exact for fixed
-length responses, the usual approximation otherwise.
+The length |y| depends on every action (a response ends when EOS is drawn), so each action
+is credited with the whole return R: this is exact for any length. ``returns="to_go"`` uses
+the lower-variance return-to-go 1/|y| sum_{t'>t} g(s_t') instead, which is exact only for
+fixed-length responses: with EOS it treats 1/|y| as a constant and rewards ending early
+(measured: the student learns to stop at once). The baseline b is the leave-one-out mean over
+the batch's other on-policy rows (of R, or of the return-to-go at the same position): it does
+not depend on the row's own actions, so it adds no bias. Rows sampled by an older weight
+version mu get a per-token importance ratio min(q(y_t|s_t) / mu(y_t|s_t), ratio_clip) (1 for
+fresh rows).
 
 Top-k teacher signal. sum_a p(a) f(a) is the exact top-k part plus the tail mass times an
 estimate of f over the tail; ``tail="student_mean"`` (default) uses the student-weighted mean
@@ -46,32 +49,63 @@ from learner.teacher_signal import TeacherSignal, TopKSignal
 
 TAILS = ("student_mean", "zero")
 BASELINES = ("loo", "none")
-HEADS = ("linear", "mlp")
+RETURNS = ("full", "to_go")
+HEADS = ("linear", "mlp", "logratio")
 
 
 class QHead(nn.Module):
-    """f(s, .) = tanh(head(h_s)) in [-1, 1]^V from a hidden state h_s of size ``hidden``."""
+    """f(s, .) in [-1, 1]^V from a hidden state h_s of size ``hidden``.
+
+    - ``linear``: tanh(W h + b);  ``mlp``: tanh(W2 gelu(W1 h + b1) + b2);
+    - ``logratio``: tanh(W h + b + c * (log p - log q)), a linear head that also sees the
+      per-token log-ratio of teacher and student (``log_ratio``), with a learned scale c.
+      sign(log p - log q) = sign(p - q) is the best response, so this head can reach it where
+      a head on the student's own hidden state alone chases a moving target.
+    """
 
     def __init__(self, hidden: int, vocab: int, kind: str = "linear", width: Optional[int] = None):
         super().__init__()
         if kind not in HEADS:
             raise ValueError(f"unknown AMM head {kind!r}; loss.params.head must be one of {HEADS}")
-        if kind == "linear":
-            self.net = nn.Linear(hidden, vocab)
-        else:
+        self.kind = kind
+        if kind == "mlp":
             width = width or 2 * hidden
             self.net = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, vocab))
+        else:
+            self.net = nn.Linear(hidden, vocab)
         for m in self.modules():  # start near f = 0: the adversary has learned nothing yet
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        self.scale = nn.Parameter(torch.ones(())) if kind == "logratio" else None
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.net(h.to(self.net_dtype)))
+    def forward(self, h: torch.Tensor, log_ratio: Optional[torch.Tensor] = None) -> torch.Tensor:
+        z = self.net(h.to(self.net_dtype))
+        if self.scale is not None:
+            if log_ratio is None:
+                raise ValueError("the 'logratio' AMM head needs the teacher/student log-ratio")
+            z = z + self.scale * log_ratio.to(z.dtype).clamp(-20, 20)
+        return torch.tanh(z)
 
     @property
     def net_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+
+def log_ratio(student_logits: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
+    """[..., V] log p(a) - log q(a). With a top-k signal a token outside the top-k gets the
+    tail's ratio log p_tail - log q_tail (the same student-proportional tail as the gap)."""
+    logq = torch.log_softmax(student_logits.float(), -1)
+    if isinstance(teacher, torch.Tensor):
+        return torch.log_softmax(teacher.float(), -1) - logq
+    valid = teacher.logprobs > PAD_LOGPROB_THRESHOLD
+    v = logq.shape[-1]
+    ids = torch.where(valid, teacher.ids, v)
+    covered = torch.zeros(*ids.shape[:-1], v + 1, dtype=torch.bool, device=logq.device).scatter_(-1, ids, True)[..., :v]
+    logq_tail = torch.logsumexp(logq.masked_fill(covered, _NEG), -1).clamp(min=TAIL_LOG_FLOOR)
+    out = (teacher.tail_logmass.float().clamp(min=TAIL_LOG_FLOOR) - logq_tail)[..., None].expand_as(logq).clone()
+    top = teacher.logprobs.float() - logq.gather(-1, teacher.ids)
+    return out.scatter(-1, ids.clamp(max=v - 1), torch.where(valid, top, out.gather(-1, ids.clamp(max=v - 1))))
 
 
 # ------------------------------------------------------------------------ the moment gap
@@ -165,7 +199,8 @@ class StudentInputs:
 
 def student_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values: torch.Tensor,
                  batch: StudentInputs, beta: float, *, tail: str = "student_mean",
-                 baseline_kind: str = "loo", ratio_clip: float = 2.0,
+                 baseline_kind: str = "loo", ratio_clip: float = 2.0, returns: str = "full",
+                 pg_coef: float = 1.0,
                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, dict[str, float]]:
     """The student's surrogate: its gradient estimates grad L (see the module docstring).
 
@@ -180,10 +215,17 @@ def student_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values:
         dt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
         logq = torch.log_softmax(student_logits.detach().to(dt), -1).gather(
             2, batch.response_ids[..., None].long())[..., 0]
-        G = returns_to_go(gap.double(), mask)
-        advantage = G - baseline(G, mask, on, baseline_kind)
+        if returns == "full":  # every action of a row is credited with the row's return R
+            R = (gap * mask).sum(1) / mask.sum(1).clamp(min=1)
+            n_on = int(on.sum())
+            b = ((R * on).sum() - R) / max(n_on - 1, 1) if baseline_kind == "loo" and n_on > 1 \
+                else torch.zeros_like(R)
+            credit = (on[:, None] & mask) * (R - b)[:, None].double() / max(n_on, 1)
+        else:
+            G = returns_to_go(gap.double(), mask)
+            credit = w_on * (G - baseline(G, mask, on, baseline_kind))
         ratio = (logq - batch.behavior_logprobs.to(dt)).exp().clamp(max=ratio_clip)
-        w_pg = (1 - beta) * w_on * ratio.double() * advantage  # zero on off-policy rows
+        w_pg = pg_coef * (1 - beta) * ratio.double() * credit  # zero on off-policy rows
     side = (teacher, f, batch.response_ids.long(), w_all, w_pg)
     loss = chunked_sum(_student_terms, student_logits, side, mask, chunk_size, tail=tail)
     d_on, d_off = float((w_on * gap).sum()), float((w_off * gap).sum())
@@ -210,7 +252,8 @@ def adversary_step(heads: tuple[QHead, QHead], optimizer: torch.optim.Optimizer,
                    reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None) -> float:
     """One ascent step of both adversaries on a batch; returns the adversary loss before it."""
     h = hidden.detach()
-    f = select_heads(heads[0](h), heads[1](h), is_on_policy)
+    lr_ = log_ratio(student_logits.detach(), teacher) if heads[0].kind == "logratio" else None
+    f = select_heads(heads[0](h, lr_), heads[1](h, lr_), is_on_policy)
     loss = adversary_loss(student_logits, teacher, f, mask, is_on_policy, beta, tail)
     optimizer.zero_grad(set_to_none=False)
     loss.backward()
@@ -221,12 +264,16 @@ def adversary_step(heads: tuple[QHead, QHead], optimizer: torch.optim.Optimizer,
 
 AMM_DEFAULTS: dict[str, Any] = {
     "beta": 0.5,           # weight of the off-policy distance; 0 = on-policy only, 1 = off-policy only
-    "adv_lr": 1e-3,        # Adam learning rate of the adversaries
+    "adv_lr": 1e-2,        # Adam learning rate of the adversaries
     "adv_steps": 1,        # adversary ascent steps per student step
-    "head": "linear",      # "linear" | "mlp"
+    "head": "logratio",    # "logratio" | "linear" | "mlp" (see QHead)
     "tail": "student_mean",  # top-k tail handling: "student_mean" | "zero"
     "baseline": "loo",     # "loo" (leave-one-out mean of the return-to-go) | "none"
     "ratio_clip": 2.0,     # cap of the per-token importance ratio for older rows
+    "returns": "full",     # "full" (exact with EOS) | "to_go" (lower variance, fixed lengths only)
+    "pg_coef": 0.2,        # weight of the policy-gradient term: 1 = exact gradient of D_on,
+                           # 0 = on-policy states treated as data (as GKD-style trainers do);
+                           # 0.2 trades bias for variance (measured on the toy task, see README)
     "chunk_size": DEFAULT_CHUNK_SIZE,
 }
 
@@ -243,7 +290,9 @@ def resolve_amm_params(params: dict[str, Any]) -> dict[str, Any]:
               ("head", out["head"] in HEADS, f"one of {HEADS}"),
               ("tail", out["tail"] in TAILS, f"one of {TAILS}"),
               ("baseline", out["baseline"] in BASELINES, f"one of {BASELINES}"),
+              ("returns", out["returns"] in RETURNS, f"one of {RETURNS}"),
               ("ratio_clip", float(out["ratio_clip"]) >= 1, "a number >= 1"),
+              ("pg_coef", float(out["pg_coef"]) >= 0, "a number >= 0"),
               ("chunk_size", isinstance(out["chunk_size"], int) and out["chunk_size"] >= 1, "an integer >= 1")]
     for key, ok, want in checks:
         if not ok:

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from learner.amm import (QHead, StudentInputs, adversary_step, resolve_amm_params, select_heads,
-                         student_loss)
+from learner.amm import (QHead, StudentInputs, adversary_step, log_ratio, resolve_amm_params,
+                         select_heads, student_loss)
 from learner.batch import LearnerBatch
 from learner.losses import LOSSES, get_loss
 
@@ -79,10 +79,12 @@ class AMMObjective:
                                      batch.is_on_policy, p["beta"], p["tail"], self._average_over_ranks)
                       for _ in range(p["adv_steps"])]
         with torch.no_grad():
-            f = select_heads(self.heads[0](hidden), self.heads[1](hidden), batch.is_on_policy)
+            ratio = log_ratio(logits.detach(), batch.teacher) if p["head"] == "logratio" else None
+            f = select_heads(self.heads[0](hidden, ratio), self.heads[1](hidden, ratio), batch.is_on_policy)
         inputs = StudentInputs(batch.response_ids, batch.mask, batch.is_on_policy, batch.behavior_logprobs)
         value, metrics = student_loss(logits, batch.teacher, f, inputs, p["beta"], tail=p["tail"],
                                       baseline_kind=p["baseline"], ratio_clip=p["ratio_clip"],
+                                      returns=p["returns"], pg_coef=float(p["pg_coef"]),
                                       chunk_size=p["chunk_size"])
         if adv_losses:
             metrics["adversary_loss"] = adv_losses[0]

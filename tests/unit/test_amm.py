@@ -122,8 +122,8 @@ def sample(theta, n, gen):
     return ALL[torch.multinomial(probs, n, replacement=True, generator=gen)]
 
 
-@pytest.mark.parametrize("baseline_kind", ["none", "loo"])
-def test_on_policy_gradient_estimator_is_unbiased(baseline_kind):
+@pytest.mark.parametrize("baseline_kind,returns", [("none", "to_go"), ("loo", "to_go"), ("loo", "full")])
+def test_on_policy_gradient_estimator_is_unbiased(baseline_kind, returns):
     g = torch.Generator().manual_seed(0)
     theta0 = torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64)
     teacher = torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64) * 2
@@ -140,7 +140,7 @@ def test_on_policy_gradient_estimator_is_unbiased(baseline_kind):
         behavior = torch.log_softmax(theta0[ids], -1).gather(2, y[..., None])[..., 0]
         batch = StudentInputs(y, torch.ones(64, T, dtype=torch.bool), torch.ones(64, dtype=torch.bool), behavior)
         loss, _ = student_loss(logits, teacher[ids], f[ids], batch, beta=0.0, baseline_kind=baseline_kind,
-                               chunk_size=50)
+                               chunk_size=50, returns=returns)
         grads.append(torch.autograd.grad(loss, th)[0])
     grads = torch.stack(grads)
     mean, se = grads.mean(0), grads.std(0) / len(grads) ** 0.5
@@ -176,7 +176,8 @@ def test_student_surrogate_matches_a_naive_second_implementation():
     behavior = torch.log_softmax(rand(3, 4, 6, seed=24), -1).gather(2, ids[..., None])[..., 0]
     sig, beta = topk_of(t, 3), 0.3
     x = s.clone().requires_grad_(True)
-    loss, _ = student_loss(x, sig, f, StudentInputs(ids, mask, on, behavior), beta, chunk_size=2)
+    loss, _ = student_loss(x, sig, f, StudentInputs(ids, mask, on, behavior), beta, chunk_size=2,
+                           returns="to_go")
     got = torch.autograd.grad(loss, x)[0]
 
     x2 = s.clone().requires_grad_(True)
@@ -202,3 +203,69 @@ def test_resolve_amm_params():
         resolve_amm_params({"beta": 1.5})
     with pytest.raises(ValueError, match=r"loss.params.tail"):
         resolve_amm_params({"tail": "drop"})
+
+
+# ------------------------------------------- variable length: token 2 ends the response
+EOS = 2
+
+
+def all_responses():
+    """Every response of at most T tokens that stops at its first EOS."""
+    out = []
+    for n in range(1, T + 1):
+        for y in itertools.product(range(V), repeat=n):
+            if EOS not in y[:-1] and (n == T or y[-1] == EOS):
+                out.append(y)
+    return out
+
+
+def padded(ys):
+    ids = torch.zeros(len(ys), T, dtype=torch.long)
+    mask = torch.zeros(len(ys), T, dtype=torch.bool)
+    for i, y in enumerate(ys):
+        ids[i, :len(y)] = torch.tensor(y)
+        mask[i, :len(y)] = True
+    states = torch.tensor([[STATE[tuple(y[:t])] if t < len(y) else 0 for t in range(T)] for y in ys])
+    return ids, mask, states
+
+
+def exact_d_on_with_eos(theta, teacher, f):
+    q, p = torch.softmax(theta, -1), torch.softmax(teacher, -1)
+    g = ((p - q) * f).sum(-1)
+    total = 0
+    for y in all_responses():
+        ids = [STATE[y[:t]] for t in range(len(y))]
+        prob = torch.stack([q[ids[t], y[t]] for t in range(len(y))]).prod()
+        total = total + prob * g[ids].mean()
+    return total
+
+
+def mc_gradient(theta0, teacher, f, returns, batches, gen):
+    ys = all_responses()
+    ids, mask, states = padded(ys)
+    grads = []
+    for _ in range(batches):
+        probs = torch.softmax(theta0, -1)[states, ids].where(mask, torch.ones(())).prod(-1)
+        pick = torch.multinomial(probs, 64, replacement=True, generator=gen)
+        th = theta0.clone().requires_grad_(True)
+        y, m, s = ids[pick], mask[pick], states[pick]
+        behavior = torch.log_softmax(theta0[s], -1).gather(2, y[..., None])[..., 0]
+        batch = StudentInputs(y, m, torch.ones(64, dtype=torch.bool), behavior)
+        loss, _ = student_loss(th[s], teacher[s], f[s], batch, beta=0.0, returns=returns, chunk_size=64)
+        grads.append(torch.autograd.grad(loss, th)[0])
+    grads = torch.stack(grads)
+    return grads.mean(0), grads.std(0) / len(grads) ** 0.5
+
+
+def test_full_returns_are_unbiased_with_eos_and_to_go_is_not():
+    g = torch.Generator().manual_seed(3)
+    theta0 = torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64)
+    teacher = torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64) * 2
+    f = torch.tanh(torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64) * 2)
+    theta = theta0.clone().requires_grad_(True)
+    exact = torch.autograd.grad(exact_d_on_with_eos(theta, teacher, f), theta)[0]
+    mean, se = mc_gradient(theta0, teacher, f, "full", 300, g)
+    assert ((mean - exact).abs() <= 4 * se + 1e-6).all(), (mean - exact).abs().max()
+    # Return-to-go treats 1/|y| as a constant: with EOS its mean misses the exact gradient.
+    mean_tg, se_tg = mc_gradient(theta0, teacher, f, "to_go", 300, g)
+    assert ((mean_tg - exact).abs() > 6 * se_tg).any()
