@@ -71,7 +71,7 @@ def _rollout(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, index: 
                       threads=r.threads)
 
 
-def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair):
+def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: str | None = None):
     lc = cfg.learner
     gpus = 1 if lc.device == "cuda" else 0
     pg = placement_group([{"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}] * lc.actors, strategy="PACK")
@@ -87,7 +87,7 @@ def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair):
         learners.append(cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=strategy,
                                     runtime_env=actor_env(lc.threads, extra)).remote(
             rank, lc.actors, master, student_dir, lc.model_dump(), cfg.loss.model_dump(),
-            cfg.seed, pair.pad_id, lc.threads))
+            cfg.seed, pair.pad_id, lc.threads, teacher_dir))
     return learners, pg
 
 
@@ -98,7 +98,7 @@ def start_actors(cfg: JobConfig, teacher_dir: str, student_dir: str, pair: Model
         cfg.buffer.on_policy_uses, cfg.buffer.off_policy_uses)
     students = [_rollout(cfg, "student", student_dir, pair, i) for i in range(cfg.rollout.student_actors)]
     teachers = [_rollout(cfg, "teacher", teacher_dir, pair, i) for i in range(cfg.rollout.teacher_actors)]
-    learners, pg = _learners(cfg, student_dir, pair)
+    learners, pg = _learners(cfg, student_dir, pair, teacher_dir)
     actors = Actors(buffer, students, teachers, learners, pg)
     # health() returns only after __init__ ran: engines loaded, DeepSpeed group formed.
     ray.get([a.health.remote() for a in students + teachers] + [l.ready.remote() for l in learners])

@@ -90,7 +90,9 @@ class LearnerConfig(_Strict):
 
 class LossConfig(_Strict):
     name: str = "forward_kl"
-    teacher_signal: Literal["topk"] = "topk"
+    teacher_signal: Literal["topk", "full"] = Field(
+        "topk", description="topk: rollout.topk log-probs from the teacher actors; full: the "
+                            "teacher's full logits from a frozen copy inside each learner rank")
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

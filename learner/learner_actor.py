@@ -7,6 +7,7 @@ parameters too (ZeRO 3) across it. Every call that touches the group (``train_st
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -44,7 +45,8 @@ def deepspeed_config(learner: dict, world_size: int) -> dict:
 
 class LearnerWorker:
     def __init__(self, rank: int, world_size: int, master: tuple[str, int], model_dir: str,
-                 learner: dict, loss: dict, seed: int, pad_id: int, threads: int = 1):
+                 learner: dict, loss: dict, seed: int, pad_id: int, threads: int = 1,
+                 teacher_dir: Optional[str] = None):
         os.environ.update({"MASTER_ADDR": master[0], "MASTER_PORT": str(master[1]),
                            "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"})
         if learner["device"] == "cpu":
@@ -61,6 +63,15 @@ class LearnerWorker:
         self.device = torch.device("cuda", torch.cuda.current_device()) if learner["device"] == "cuda" else torch.device("cpu")
         deepspeed.init_distributed(dist_backend="nccl" if learner["device"] == "cuda" else "gloo")
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        # teacher_signal=full: the teacher runs here, frozen, and every loss sees its full
+        # logits instead of the rollout actors' top-k (exact, at the cost of a teacher forward).
+        self.teacher = None
+        if loss.get("teacher_signal") == "full":
+            if teacher_dir is None:
+                raise ValueError("loss.teacher_signal=full needs the teacher model in the learner")
+            dtype = torch.bfloat16 if learner["precision"] == "bf16" else torch.float32
+            self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(self.device).eval()
+            self.teacher.requires_grad_(False)
         if learner["gradient_checkpointing"]:
             model.gradient_checkpointing_enable()
         self.objective = make_objective(loss, hidden_size=model.config.hidden_size,
@@ -92,6 +103,11 @@ class LearnerWorker:
         batch = collate(shard, self.pad_id).to(self.device)
         out = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           position_ids=batch.position_ids, output_hidden_states=self.objective.needs_hidden)
+        if self.teacher is not None:
+            with torch.no_grad():
+                full = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    position_ids=batch.position_ids).logits
+            batch = dataclasses.replace(batch, teacher=batch.response_logits(full).float())
         loss, metrics = self.objective.loss(out, batch)
         # Every rank must take the same branch: skip the step everywhere if any rank saw NaN/inf.
         finite = torch.tensor([float(torch.isfinite(loss))])

@@ -32,14 +32,15 @@ def get_json(url: str):
         return None
 
 
-@pytest.mark.parametrize("staleness", [0, 1])
-def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness):
+@pytest.mark.parametrize("staleness,loss", [(0, "forward_kl"), (1, "amm")])
+def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness, loss):
     port = free_port()
     ammd = Path(sys.executable).with_name("ammd")
     cmd = [str(ammd), "run", "configs/local-cpu.yaml", f"name=job-s{staleness}",
            f"output_dir={tmp_path}", "learner.steps=12", "learner.sync_every=4",
            f"buffer.max_staleness={staleness}", f"status.port={port}", "data.eval_size=50",
-           "rollout.prompts_per_batch=32", "learner.save_every=12", "eval.every=6"]
+           "rollout.prompts_per_batch=32", "learner.save_every=12", "eval.every=6",
+           f"loss.name={loss}"]
     env = {**os.environ}
     log = (tmp_path / "job.log").open("w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -73,4 +74,11 @@ def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness):
     # Every on-policy row the learner used was at most `staleness` versions old.
     assert report["max_on_policy_lag"] <= staleness
     assert [e["step"] for e in report["evals"]] == [6, 12]
-    assert (tmp_path / f"job-s{staleness}" / "checkpoints" / "step12").is_dir()
+    ckpt = tmp_path / f"job-s{staleness}" / "checkpoints" / "step12"
+    assert ckpt.is_dir()
+    if loss == "amm":
+        import torch
+        # The adversaries' curves are in the report and their state in the checkpoint.
+        assert all({"d_on", "d_off", "adversary_loss"} <= set(h) for h in report["history"])
+        state = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+        assert len(state["objective"]["heads"]) == 2 and "state" in state["objective"]["optimizer"]

@@ -31,16 +31,22 @@ def rows(n: int):
     return out
 
 
-def reference_step(model_dir: str, table, lr: float, world: int):
+def reference_step(model_dir: str, table, lr: float, world: int, teacher_dir=None):
     """Weights after one step, each parameter's gradient, the pre-clip norm and per-rank losses."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval() if teacher_dir else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     for rank in range(world):
         b = collate(table.take(list(range(rank, table.num_rows, world))), pad_id=0)
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                        position_ids=b.position_ids).logits
-        losses.append(forward_kl(b.response_logits(logits), b.teacher, b.mask))
+        signal = b.teacher
+        if teacher is not None:
+            with torch.no_grad():
+                signal = b.response_logits(teacher(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                                   position_ids=b.position_ids).logits)
+        losses.append(forward_kl(b.response_logits(logits), signal, b.mask))
     torch.stack(losses).mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
@@ -48,17 +54,18 @@ def reference_step(model_dir: str, table, lr: float, world: int):
     return {n: p.detach() for n, p in model.named_parameters()}, grads, norm, [float(l) for l in losses]
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_rank_deepspeed_step_equals_single_process_step(ray_cluster, tiny_models, zero_stage):
+@pytest.mark.parametrize("zero_stage,signal", [(2, "topk"), (3, "topk"), (2, "full")])
+def test_two_rank_deepspeed_step_equals_single_process_step(ray_cluster, tiny_models, zero_stage, signal):
     from cluster.actors import _learners
     from cluster.models import ModelPair
     from learner.weight_sync import unpack_bucket
 
-    student_dir, _ = tiny_models
+    student_dir, teacher_dir = tiny_models
     cfg = JobConfig.model_validate({"learner": {"actors": 2, "zero_stage": zero_stage, "lr": 1e-2,
-                                                "micro_batch": 4}, "loss": {"name": "forward_kl"}})
+                                                "micro_batch": 4},
+                                    "loss": {"name": "forward_kl", "teacher_signal": signal}})
     pair = ModelPair(tokenizer=None, vocab_size=VOCAB, pad_id=0, stop_token_ids=[2], max_model_len=64)
-    learners, pg = _learners(cfg, student_dir, pair)
+    learners, pg = _learners(cfg, student_dir, pair, teacher_dir if signal == "full" else None)
     try:
         info = ray_cluster.get([l.ready.remote() for l in learners])
         assert [i["rank"] for i in info] == [0, 1] and {i["world_size"] for i in info} == {2}
@@ -70,7 +77,8 @@ def test_two_rank_deepspeed_step_equals_single_process_step(ray_cluster, tiny_mo
         payloads = ray_cluster.get([l.export_weights.remote("object_store", 1, "float32") for l in learners])
         assert payloads[1] is None  # only rank 0 sends
         got = {n: t for bucket in payloads[0] for n, t in unpack_bucket(bucket)}
-        want, grads, norm, losses = reference_step(student_dir, table, lr=1e-2, world=2)
+        want, grads, norm, losses = reference_step(student_dir, table, lr=1e-2, world=2,
+                                                   teacher_dir=teacher_dir if signal == "full" else None)
         np.testing.assert_allclose([r["loss"] for r in results], losses, rtol=1e-5)
         # Adam's first step is blind to the gradient's scale; the norm is not (mean vs sum).
         np.testing.assert_allclose([r["grad_norm"] for r in results], norm, rtol=1e-4)
