@@ -60,6 +60,9 @@ def init_ray(cfg: JobConfig) -> None:
         log(f"connecting to the Ray cluster at {address}")
         ray.init(address=address, log_to_driver=True)
     else:
+        # A private cluster of this process only: Ray 2.60's default token auth would write
+        # a token into ~/.ray for nothing, so it is off unless the user set RAY_AUTH_MODE.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         need = cfg.rollout.student_actors + cfg.rollout.teacher_actors + cfg.learner.actors
         ray.init(num_cpus=cfg.ray.num_cpus or max(need, os.cpu_count() or 1),
                  include_dashboard=False, log_to_driver=True)

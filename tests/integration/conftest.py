@@ -8,7 +8,10 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    import os
+
     import ray
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token written to ~/.ray (PLATFORM.md)
     # A fresh temp dir per session: a stale ray_current_cluster file breaks ray.init (PLATFORM.md).
     tmp = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
     ray.init(num_cpus=6, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
