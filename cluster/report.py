@@ -1,4 +1,4 @@
-"""The run report: ``runs/<name>/report.json`` plus a Markdown summary beside it."""
+"""The run report: ``runs/<name>/report.json``, a Markdown summary and ``curves.png`` beside it."""
 from __future__ import annotations
 
 import json
@@ -30,5 +30,37 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
         lines += ["", "## Student outputs after training (first few held-out prompts)", "",
                   "| prompt | reference | output |", "|---|---|---|"]
         lines += [f"| `{e['prompt']}` | `{e['reference']}` | `{e['output']}` |" for e in examples]
+    if plot_curves(report.get("history") or [], out_dir / "curves.png"):
+        lines += ["", "## Curves", "", "![loss and moment-matching distances over steps](curves.png)"]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return path
+
+
+CURVES = (("loss", "student loss"), ("d_on", "D_on (on-policy distance)"),
+          ("d_off", "D_off (off-policy distance)"), ("adversary_loss", "adversary loss"))
+
+
+def plot_curves(history: list[dict], path: Path) -> bool:
+    """One panel per metric present in the history (AMM adds D_on, D_off, adversary loss).
+
+    Returns False, writing nothing, when there is no history or matplotlib is not installed.
+    """
+    series = [(key, title) for key, title in CURVES if any(key in h for h in history)]
+    if not series:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)
+    for ax, (key, title) in zip(axes[0], series):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot([p[0] for p in points], [p[1] for p in points], lw=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("learner step", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -24,8 +24,10 @@ document.getElementById('name').textContent=s.name;
 document.getElementById('state').textContent=`${s.state}: step ${s.step}/${s.total_steps}, weight version ${s.weight_version}`;
 document.getElementById('raw').textContent=JSON.stringify(s,null,2);
 const c=document.getElementById('plot').getContext('2d'),h=s.history;c.clearRect(0,0,640,240);
-if(h.length>1){const ys=h.map(p=>p.loss),lo=Math.min(...ys),hi=Math.max(...ys)||1;c.beginPath();
-h.forEach((p,i)=>{const x=i*640/(h.length-1),y=230-(p.loss-lo)/(hi-lo||1)*220;i?c.lineTo(x,y):c.moveTo(x,y)});c.stroke();}}
+const keys=['loss','d_on','d_off','adversary_loss'].filter(k=>h.some(p=>k in p)),col=['#000','#c00','#06c','#090'];
+keys.forEach((k,j)=>{const pts=h.filter(p=>k in p);if(pts.length<2)return;const ys=pts.map(p=>p[k]),
+lo=Math.min(...ys),hi=Math.max(...ys);c.strokeStyle=col[j];c.fillText(k,8,14+12*j);c.beginPath();
+pts.forEach((p,i)=>{const x=i*640/(pts.length-1),y=230-(p[k]-lo)/(hi-lo||1)*200;i?c.lineTo(x,y):c.moveTo(x,y)});c.stroke();});}
 tick();setInterval(tick,2000);</script></body></html>"""
 
 
