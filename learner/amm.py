@@ -180,9 +180,33 @@ def baseline(G: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, kind: str)
 
 # ---------------------------------------------------------------------------- the losses
 
-def _student_terms(x, side, tail):
+def position_chunks(mask: torch.Tensor, chunk_size: int):
+    """(rows, cols) index tuples of the masked positions, ``chunk_size`` at a time."""
+    rows, cols = mask.to(torch.bool).nonzero(as_tuple=True)
+    for start in range(0, rows.numel(), chunk_size):
+        yield rows[start:start + chunk_size], cols[start:start + chunk_size]
+
+
+def adversary_values(heads: tuple[QHead, QHead], hidden: torch.Tensor, student_logits: torch.Tensor,
+                     teacher: TeacherSignal, is_on_policy: torch.Tensor, index: tuple) -> torch.Tensor:
+    """[n, V] values f(s, .) at positions ``index``: f_on on student rows, f_off on teacher rows."""
+    h = hidden[index].detach()
+    ratio = (log_ratio(student_logits[index].detach(), _select(teacher, index))
+             if heads[0].kind == "logratio" else None)
+    on = is_on_policy.to(torch.bool)[index[0]]
+    return torch.where(on[:, None], heads[0](h, ratio), heads[1](h, ratio))
+
+
+def _values_at(q_values: Any) -> Callable[[tuple], torch.Tensor]:
+    """Adversary values as a function of positions, from a [B, T, V] tensor or such a function."""
+    return q_values if callable(q_values) else (lambda index: q_values[index])
+
+
+def _student_terms(x, side, tail, f_at):
     """w_direct * g(s) + w_pg * log q(y|s) for [n, V] student logits (f is held fixed)."""
-    teacher, f, y, w_direct, w_pg = side
+    teacher, rows, cols, y, w_direct, w_pg = side
+    with torch.no_grad():
+        f = f_at((rows, cols)).detach()
     gap = _gap_rows(x, teacher, f, tail)
     logq = torch.log_softmax(x.to(gap.dtype), dim=-1).gather(1, y[:, None])[:, 0]
     return w_direct.to(gap.dtype) * gap + w_pg.to(gap.dtype) * logq
@@ -197,24 +221,35 @@ class StudentInputs:
     behavior_logprobs: torch.Tensor
 
 
-def student_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values: torch.Tensor,
+@torch.no_grad()
+def _gaps_and_logq(student_logits, teacher, f_at, y, mask, tail, chunk_size):
+    """[B, T] moment gaps and log q(y_t|s_t), computed chunk by chunk without a graph."""
+    dt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    gap = torch.zeros(mask.shape, dtype=dt, device=student_logits.device)
+    logq = torch.zeros(mask.shape, dtype=dt, device=student_logits.device)
+    for index in position_chunks(mask, chunk_size):
+        x = student_logits[index].detach().to(dt)
+        gap[index] = _gap_rows(x, _select(teacher, index), f_at(index).detach(), tail)
+        logq[index] = torch.log_softmax(x, -1).gather(1, y[index][:, None])[:, 0]
+    return gap, logq
+
+
+def student_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values: Any,
                  batch: StudentInputs, beta: float, *, tail: str = "student_mean",
                  baseline_kind: str = "loo", ratio_clip: float = 2.0, returns: str = "full",
                  pg_coef: float = 1.0,
                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, dict[str, float]]:
     """The student's surrogate: its gradient estimates grad L (see the module docstring).
 
-    ``q_values`` [B, T, V] are the adversaries' values at each position (f_on on on-policy
-    rows, f_off on off-policy rows); they are treated as constants here.
+    ``q_values`` are the adversaries' values, f_on on on-policy rows and f_off on off-policy
+    rows, as a [B, T, V] tensor or a function of a (rows, cols) index (so they too are built a
+    chunk at a time); they are treated as constants here.
     """
     mask, on = batch.mask.to(torch.bool), batch.is_on_policy.to(torch.bool)
-    f = q_values.detach()
+    f_at, y = _values_at(q_values), batch.response_ids.long()
+    gap, logq = _gaps_and_logq(student_logits, teacher, f_at, y, mask, tail, chunk_size)
     with torch.no_grad():
-        gap = moment_gap(student_logits.detach(), teacher, f, mask, tail)
         w_on, w_off, w_all = row_weights(mask, on, beta)
-        dt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-        logq = torch.log_softmax(student_logits.detach().to(dt), -1).gather(
-            2, batch.response_ids[..., None].long())[..., 0]
         if returns == "full":  # every action of a row is credited with the row's return R
             R = (gap * mask).sum(1) / mask.sum(1).clamp(min=1)
             n_on = int(on.sum())
@@ -224,42 +259,42 @@ def student_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values:
         else:
             G = returns_to_go(gap.double(), mask)
             credit = w_on * (G - baseline(G, mask, on, baseline_kind))
-        ratio = (logq - batch.behavior_logprobs.to(dt)).exp().clamp(max=ratio_clip)
+        ratio = (logq - batch.behavior_logprobs.to(logq.dtype)).exp().clamp(max=ratio_clip)
         w_pg = pg_coef * (1 - beta) * ratio.double() * credit  # zero on off-policy rows
-    side = (teacher, f, batch.response_ids.long(), w_all, w_pg)
-    loss = chunked_sum(_student_terms, student_logits, side, mask, chunk_size, tail=tail)
+    b_idx, t_idx = torch.meshgrid(torch.arange(mask.shape[0], device=mask.device),
+                                  torch.arange(mask.shape[1], device=mask.device), indexing="ij")
+    side = (teacher, b_idx, t_idx, y, w_all, w_pg)
+    loss = chunked_sum(_student_terms, student_logits, side, mask, chunk_size, tail=tail, f_at=f_at)
     d_on, d_off = float((w_on * gap).sum()), float((w_off * gap).sum())
     return loss, {"d_on": d_on, "d_off": d_off, "amm_objective": (1 - beta) * d_on + beta * d_off}
-
-
-def adversary_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values: torch.Tensor,
-                   mask: torch.Tensor, is_on_policy: torch.Tensor, beta: float,
-                   tail: str = "student_mean") -> torch.Tensor:
-    """-(beta D_off + (1 - beta) D_on): minimised by the adversaries (gradient ascent on L)."""
-    gap = moment_gap(student_logits.detach(), teacher, q_values, mask, tail)
-    _, _, w_all = row_weights(mask, is_on_policy, beta)
-    return -(w_all.to(gap.dtype) * gap).sum()
-
-
-def select_heads(f_on: torch.Tensor, f_off: torch.Tensor, is_on_policy: torch.Tensor) -> torch.Tensor:
-    """Each row's adversary values: f_on for student samples, f_off for teacher samples."""
-    return torch.where(is_on_policy.to(torch.bool)[:, None, None], f_on, f_off)
 
 
 def adversary_step(heads: tuple[QHead, QHead], optimizer: torch.optim.Optimizer, hidden: torch.Tensor,
                    student_logits: torch.Tensor, teacher: TeacherSignal, mask: torch.Tensor,
                    is_on_policy: torch.Tensor, beta: float, tail: str,
-                   reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None) -> float:
-    """One ascent step of both adversaries on a batch; returns the adversary loss before it."""
-    h = hidden.detach()
-    lr_ = log_ratio(student_logits.detach(), teacher) if heads[0].kind == "logratio" else None
-    f = select_heads(heads[0](h, lr_), heads[1](h, lr_), is_on_policy)
-    loss = adversary_loss(student_logits, teacher, f, mask, is_on_policy, beta, tail)
+                   reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
+    """One ascent step of both adversaries on L (minimising -L); returns -L before the step.
+
+    The gradient is accumulated a chunk of positions at a time, so only one chunk's [n, V]
+    values and gap terms exist at once.
+    """
+    _, _, w_all = row_weights(mask, is_on_policy, beta)
     optimizer.zero_grad(set_to_none=False)
-    loss.backward()
-    reduce_grads([p.grad for head in heads for p in head.parameters()])
+    total = 0.0
+    for index in position_chunks(mask, chunk_size):
+        f = adversary_values(heads, hidden, student_logits, teacher, is_on_policy, index)
+        gap = _gap_rows(student_logits[index].detach(), _select(teacher, index), f, tail)
+        loss = -(w_all[index].to(gap.dtype) * gap).sum()
+        loss.backward()
+        total += float(loss.detach())
+    params = [p for head in heads for p in head.parameters()]
+    for p in params:  # a rank with no positions still takes part in the gradient all-reduce
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    reduce_grads([p.grad for p in params])
     optimizer.step()
-    return float(loss.detach())
+    return total
 
 
 AMM_DEFAULTS: dict[str, Any] = {

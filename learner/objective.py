@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from learner.amm import (QHead, StudentInputs, adversary_step, log_ratio, resolve_amm_params,
-                         select_heads, student_loss)
+from learner.amm import (QHead, StudentInputs, adversary_step, adversary_values, resolve_amm_params,
+                         student_loss)
 from learner.batch import LearnerBatch
 from learner.losses import LOSSES, get_loss
 
@@ -76,13 +76,14 @@ class AMMObjective:
         logits = batch.response_logits(out.logits)
         hidden = batch.response_logits(out.hidden_states[-1]).detach()
         adv_losses = [adversary_step(self.heads, self.optimizer, hidden, logits, batch.teacher, batch.mask,
-                                     batch.is_on_policy, p["beta"], p["tail"], self._average_over_ranks)
+                                     batch.is_on_policy, p["beta"], p["tail"], self._average_over_ranks,
+                                     p["chunk_size"])
                       for _ in range(p["adv_steps"])]
-        with torch.no_grad():
-            ratio = log_ratio(logits.detach(), batch.teacher) if p["head"] == "logratio" else None
-            f = select_heads(self.heads[0](hidden, ratio), self.heads[1](hidden, ratio), batch.is_on_policy)
+
+        def values_at(index):  # the updated adversaries, evaluated a chunk at a time
+            return adversary_values(self.heads, hidden, logits, batch.teacher, batch.is_on_policy, index)
         inputs = StudentInputs(batch.response_ids, batch.mask, batch.is_on_policy, batch.behavior_logprobs)
-        value, metrics = student_loss(logits, batch.teacher, f, inputs, p["beta"], tail=p["tail"],
+        value, metrics = student_loss(logits, batch.teacher, values_at, inputs, p["beta"], tail=p["tail"],
                                       baseline_kind=p["baseline"], ratio_clip=p["ratio_clip"],
                                       returns=p["returns"], pg_coef=float(p["pg_coef"]),
                                       chunk_size=p["chunk_size"])

@@ -269,3 +269,33 @@ def test_full_returns_are_unbiased_with_eos_and_to_go_is_not():
     # Return-to-go treats 1/|y| as a constant: with EOS its mean misses the exact gradient.
     mean_tg, se_tg = mc_gradient(theta0, teacher, f, "to_go", 300, g)
     assert ((mean_tg - exact).abs() > 6 * se_tg).any()
+
+
+def test_chunked_adversary_step_and_callable_values_match_whole_batch():
+    torch.manual_seed(1)
+    s, t = rand(3, 5, 7, seed=31).float(), topk_of(rand(3, 5, 7, seed=32).float(), 3)
+    h = torch.randn(3, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    on = torch.tensor([True, False, True])
+    results = []
+    for chunk in (2, 1000):
+        torch.manual_seed(0)
+        heads = (QHead(16, 7, "logratio"), QHead(16, 7, "logratio"))
+        opt = torch.optim.Adam([p for hd in heads for p in hd.parameters()], lr=0.1)
+        loss = adversary_step(heads, opt, h, s, t, mask, on, 0.4, "student_mean", chunk_size=chunk)
+        results.append((loss, [p.detach().clone() for hd in heads for p in hd.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # The student loss with values given as a function of positions equals the tensor form.
+    from learner.amm import adversary_values
+    everywhere = mask.nonzero(as_tuple=True)
+    full = torch.zeros(3, 5, 7)
+    with torch.no_grad():
+        full[everywhere] = adversary_values(heads, h, s, t, on, everywhere)
+    batch = StudentInputs(torch.zeros(3, 5, dtype=torch.long), mask, on, torch.zeros(3, 5))
+    x1, x2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    l1, _ = student_loss(x1, t, full, batch, 0.4, chunk_size=3)
+    l2, _ = student_loss(x2, t, lambda idx: adversary_values(heads, h, x2, t, on, idx), batch, 0.4, chunk_size=3)
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(torch.autograd.grad(l1, x1)[0], torch.autograd.grad(l2, x2)[0])
