@@ -1,0 +1,73 @@
+"""The toy world: task generation, tokenizer, metrics and the cached build."""
+import json
+import random
+
+import pytest
+
+from tasks.base import get_task, task_names
+from tasks.metrics import score
+from tasks.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer
+
+
+def test_sort_examples_are_sorted_and_splits_are_deterministic_and_disjoint():
+    task = get_task("sort")
+    ex = task.sample(random.Random(3))
+    values = [int(w) for w in ex.prompt.split()[1:-1]]
+    assert ex.prompt.startswith("sort ") and ex.prompt.endswith(" =")
+    assert ex.response == " ".join(map(str, sorted(values)))
+    a, b = task.splits(7, 500, 20, 30), task.splits(7, 500, 20, 30)
+    assert a == b
+    held = {e.prompt for e in a["eval"] + a["test"]}
+    assert len(held) == 50 and not held & {e.prompt for e in a["train"]}
+    assert task.splits(8, 500, 20, 30) != a
+
+
+def test_unknown_task_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"models.toy_task must be one of \['sort'"):
+        get_task("sorting")
+    assert "sort" in task_names()
+
+
+def test_tokenizer_round_trip_and_special_ids():
+    tok = build_tokenizer(get_task("sort").words())
+    ids = tok("sort 3 12 =")["input_ids"]
+    assert ids[0] == BOS_ID and len(ids) == 5
+    assert tok.decode(ids, skip_special_tokens=True) == "sort 3 12 ="
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (PAD_ID, EOS_ID, UNK_ID)
+    assert tok("sort banana =", add_special_tokens=False)["input_ids"][1] == UNK_ID
+    assert build_tokenizer(get_task("sort").words()).get_vocab() == tok.get_vocab()  # deterministic
+
+
+def test_metrics():
+    assert score("exact_match", ["1 2  3", "1 3"], ["1 2 3", "1 2"]) == 0.5  # whitespace-normalised
+    assert score("rouge_l", ["a b c"], ["a b c"]) == pytest.approx(1.0)
+    assert score("rouge_l", ["x y"], ["a b"]) == 0.0
+    partial = score("rouge_l", ["a b x"], ["a b c"])
+    assert 0 < partial < 1
+    assert score("bleu", ["a b c d e"], ["a b c d e"]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="eval.metric must be one of"):
+        score("accuracy", ["a"], ["a"])
+
+
+def test_toy_world_is_cached_and_the_teacher_beats_the_student(toy_world):
+    from pathlib import Path
+
+    from tasks.build import build_toy_world
+    again = build_toy_world(toy_world.root.parent, task="sort", seed=0)
+    assert again.root == toy_world.root  # found, not rebuilt
+    info = json.loads((toy_world.root / "world.json").read_text())
+    assert info["scores"]["teacher"] >= 0.9 and info["scores"]["student"] <= 0.5
+    rows = [json.loads(line) for line in Path(toy_world.test_path).read_text().splitlines()]
+    assert len(rows) == 300 and all({"prompt", "response"} <= set(r) for r in rows)
+
+
+def test_toy_models_load_as_ordinary_hf_dirs_and_teacher_sorts(toy_world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.toy_models import greedy_decode
+    tok = AutoTokenizer.from_pretrained(toy_world.teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(toy_world.teacher_dir)
+    rows = [json.loads(line) for line in toy_world.test_path.read_text().splitlines()[:20]]
+    out = greedy_decode(teacher, tok, [r["prompt"] for r in rows], 14)
+    assert score("exact_match", out, [r["response"] for r in rows]) >= 0.9
+    assert teacher.config.vocab_size % 16 == 0 and teacher.config.head_dim == 32
