@@ -44,7 +44,7 @@ class DataConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    metric: Literal["exact_match", "rouge_l", "bleu"] = "exact_match"
+    metric: Literal["exact_match", "rouge_l", "bleu", "final_answer"] = "exact_match"
     every: int = Field(0, ge=0, description="learner steps between evaluations; 0 = only before/after")
 
 

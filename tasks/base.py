@@ -24,7 +24,8 @@ class Task:
         """Every word a prompt or response may contain (the tokenizer's non-special vocabulary)."""
         raise NotImplementedError
 
-    def sample(self, rng: random.Random) -> Example:
+    def sample(self, rng: random.Random, train: bool = False) -> Example:
+        """One example; ``train`` may draw among several valid references (held-out: canonical)."""
         raise NotImplementedError
 
     def splits(self, seed: int, n_train: int, n_eval: int, n_test: int) -> dict[str, list[Example]]:
@@ -32,12 +33,12 @@ class Task:
         rng = random.Random(seed)
         held: dict[str, Example] = {}
         while len(held) < n_eval + n_test:
-            ex = self.sample(rng)
+            ex = self.sample(rng, train=False)
             held.setdefault(ex.prompt, ex)
         held_list = list(held.values())
         train = []
         while len(train) < n_train:
-            ex = self.sample(rng)
+            ex = self.sample(rng, train=True)
             if ex.prompt not in held:
                 train.append(ex)
         return {"train": train, "eval": held_list[:n_eval], "test": held_list[n_eval:]}
@@ -52,13 +53,17 @@ def register(cls: type[Task]) -> type[Task]:
 
 
 def get_task(name: str) -> Task:
-    # Importing the modules registers their tasks.
-    from tasks import sorting  # noqa: F401
+    _register_all()
     if name not in _TASKS:
         raise ValueError(f"unknown toy task {name!r}; models.toy_task must be one of {sorted(_TASKS)}")
     return _TASKS[name]()
 
 
 def task_names() -> list[str]:
-    from tasks import sorting  # noqa: F401
+    _register_all()
     return sorted(_TASKS)
+
+
+def _register_all() -> None:
+    # Importing the modules registers their tasks.
+    from tasks import arith, sorting, summarize, translate  # noqa: F401

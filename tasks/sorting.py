@@ -20,7 +20,7 @@ class SortTask(Task):
     def words(self) -> list[str]:
         return ["sort", "="] + [str(v) for v in range(self.max_value)]
 
-    def sample(self, rng: random.Random) -> Example:
+    def sample(self, rng: random.Random, train: bool = False) -> Example:
         values = [rng.randrange(self.max_value) for _ in range(rng.randint(self.min_len, self.max_len))]
         return Example(prompt="sort " + " ".join(map(str, values)) + " =",
                        response=" ".join(map(str, sorted(values))))

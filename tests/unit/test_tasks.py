@@ -23,7 +23,7 @@ def test_sort_examples_are_sorted_and_splits_are_deterministic_and_disjoint():
 
 
 def test_unknown_task_names_the_known_ones():
-    with pytest.raises(ValueError, match=r"models.toy_task must be one of \['sort'"):
+    with pytest.raises(ValueError, match=r"models.toy_task must be one of"):
         get_task("sorting")
     assert "sort" in task_names()
 
@@ -71,3 +71,51 @@ def test_toy_models_load_as_ordinary_hf_dirs_and_teacher_sorts(toy_world):
     out = greedy_decode(teacher, tok, [r["prompt"] for r in rows], 14)
     assert score("exact_match", out, [r["response"] for r in rows]) >= 0.9
     assert teacher.config.vocab_size % 16 == 0 and teacher.config.head_dim == 32
+
+
+def test_summarize_keeps_repeated_content_words_in_order():
+    task = get_task("summarize")
+    doc = "c3 f1 c7 c3 f0 c2 c7 f4 c7".split()
+    assert task.summary(doc) == ["c3", "c7"]
+    assert task.summary(doc, by_frequency=True) == ["c7", "c3"]  # the training-only variant
+    for ex in task.splits(0, 200, 10, 10)["test"]:
+        doc = ex.prompt.split()[1:-1]
+        assert ex.response.split() == task.summary(doc) and not any(w.startswith("f") for w in ex.response.split())
+
+
+def test_translate_reorders_and_maps_words():
+    task = get_task("translate")
+    splits = task.splits(0, 400, 10, 40)
+    for ex in splits["test"]:
+        src = ex.prompt.split()[1:-1]
+        clauses = " ".join(src).split(" and ")
+        want = []
+        for c in clauses:
+            d1, a, n1, v, d2, n2 = c.split()
+            want.append(" ".join(w.upper() for w in (d1, n1, a, d2, n2, v)))
+        assert ex.response == " AND ".join(want)
+    # Synonyms appear only in training references.
+    assert any(w.startswith("B") for ex in splits["train"] for w in ex.response.split())
+    assert not any(w.startswith("B") for ex in splits["test"] for w in ex.response.split())
+
+
+def test_arith_steps_are_correct_and_final_answer_scores_only_the_answer():
+    task = get_task("arith")
+    for ex in task.splits(0, 300, 10, 50)["train"]:
+        expr = ex.prompt.split()[1:-1]
+        assert int(ex.response.rsplit(";", 1)[1]) == eval(" ".join(expr))  # noqa: S307 (digits and + *)
+        for step in ex.response.split(";")[0].split(","):
+            lhs, rhs = step.split("=")
+            assert eval(lhs) == int(rhs)  # noqa: S307
+    assert score("final_answer", ["8 + 7 = 15 , 8 + 15 = 23 ; 23"], ["8 + 8 = 16 , 16 + 7 = 23 ; 23"]) == 1.0
+    assert score("final_answer", ["2 + 5 = 7 ; 8"], ["2 + 5 = 7 ; 7"]) == 0.0
+
+
+@pytest.mark.parametrize("name", ["sort", "summarize", "translate", "arith"])
+def test_every_task_fits_the_demo_lengths_and_its_tokenizer(name):
+    task = get_task(name)
+    tok = build_tokenizer(task.words())
+    for ex in task.splits(1, 300, 10, 10)["train"]:
+        p, r = tok(ex.prompt)["input_ids"], tok(ex.response, add_special_tokens=False)["input_ids"]
+        assert UNK_ID not in p + r
+        assert len(p) <= 24 and len(r) + 1 <= 16
