@@ -1,7 +1,9 @@
 """The demo config submitted to a running Ray cluster with ``ray job submit``, as users do.
 
 The head runs with ``--block`` in its own session so the test can stop exactly this cluster
-(``ray stop`` would stop every Ray on the machine, including other tests' clusters).
+(``ray stop`` would stop every Ray on the machine, including other tests' clusters), and on
+free ports throughout: the agents' fixed default ports are taken when another Ray (the
+session's embedded cluster) runs on the same machine, and its job agent then never registers.
 Token auth is disabled on this throwaway head (PLATFORM.md): nothing is written to $HOME.
 """
 import json
@@ -47,6 +49,8 @@ def test_demo_config_runs_under_ray_job_submit(toy_world, tmp_path):
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={free_port()}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
          "--num-cpus=6", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dash}"
