@@ -44,8 +44,20 @@ class ToyWorld:
     scores: dict          # {"teacher": float, "student": float} on the test split
 
 
+def _code_digest(task) -> str:
+    """A hash of the code that shapes a world: the task's module, tokenizer and models."""
+    import inspect
+
+    from tasks import tokenizer, toy_models
+    sources = [inspect.getsource(inspect.getmodule(type(task))), inspect.getsource(tokenizer),
+               inspect.getsource(toy_models)]
+    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:12]
+
+
 def _recipe(task: str, seed: int) -> dict:
+    # Editing a task's generator or the models changes the code digest and so the cache key.
     return {"version": RECIPE_VERSION, "task": task, "seed": seed, "splits": SPLITS,
+            "code": _code_digest(get_task(task)),
             "teacher": asdict(TEACHER), "student": asdict(STUDENT),
             "steps": [TEACHER_STEPS, STUDENT_STEPS], "batch": BATCH, "lr": LR}
 

@@ -86,13 +86,15 @@ def test_summarize_keeps_repeated_content_words_in_order():
 def test_translate_reorders_and_maps_words():
     task = get_task("translate")
     splits = task.splits(0, 400, 10, 40)
+
+    def clause(words):  # d [a] n v d [a] n -> D N [A] D N [A] V
+        v = next(i for i, w in enumerate(words) if w.startswith("v"))
+        def phrase(p):
+            return [p[0].upper(), p[-1].upper()] + ([p[1].upper()] if len(p) == 3 else [])
+        return phrase(words[:v]) + phrase(words[v + 1:]) + [words[v].upper()]
     for ex in splits["test"]:
-        src = ex.prompt.split()[1:-1]
-        clauses = " ".join(src).split(" and ")
-        want = []
-        for c in clauses:
-            d1, a, n1, v, d2, n2 = c.split()
-            want.append(" ".join(w.upper() for w in (d1, n1, a, d2, n2, v)))
+        clauses = " ".join(ex.prompt.split()[1:-1]).split(" and ")
+        want = [" ".join(clause(c.split())) for c in reversed(clauses)]
         assert ex.response == " AND ".join(want)
     # Synonyms appear only in training references.
     assert any(w.startswith("B") for ex in splits["train"] for w in ex.response.split())
@@ -119,3 +121,12 @@ def test_every_task_fits_the_demo_lengths_and_its_tokenizer(name):
         p, r = tok(ex.prompt)["input_ids"], tok(ex.response, add_special_tokens=False)["input_ids"]
         assert UNK_ID not in p + r
         assert len(p) <= 24 and len(r) + 1 <= 16
+
+
+def test_the_cache_key_follows_the_code_that_shapes_a_world(monkeypatch):
+    from tasks import build
+    key = build._recipe("sort", 0)
+    assert key == build._recipe("sort", 0) and key != build._recipe("sort", 1)
+    assert key["code"] != build._recipe("arith", 0)["code"]  # another task module
+    monkeypatch.setattr(build, "_code_digest", lambda task: "edited")
+    assert build._recipe("sort", 0) != key
