@@ -43,8 +43,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from learner.losses import (DEFAULT_CHUNK_SIZE, PAD_LOGPROB_THRESHOLD, TAIL_LOG_FLOOR, _NEG,
-                            _select, chunked_sum)
+from learner.losses import (DEFAULT_CHUNK_SIZE, TAIL_LOG_FLOOR, _NEG, _select, chunked_sum,
+                            compute_dtype, topk_cover)
 from learner.teacher_signal import TeacherSignal, TopKSignal
 
 TAILS = ("student_mean", "zero")
@@ -98,10 +98,9 @@ def log_ratio(student_logits: torch.Tensor, teacher: TeacherSignal) -> torch.Ten
     logq = torch.log_softmax(student_logits.float(), -1)
     if isinstance(teacher, torch.Tensor):
         return torch.log_softmax(teacher.float(), -1) - logq
-    valid = teacher.logprobs > PAD_LOGPROB_THRESHOLD
     v = logq.shape[-1]
+    valid, covered = topk_cover(teacher, v)
     ids = torch.where(valid, teacher.ids, v)
-    covered = torch.zeros(*ids.shape[:-1], v + 1, dtype=torch.bool, device=logq.device).scatter_(-1, ids, True)[..., :v]
     logq_tail = torch.logsumexp(logq.masked_fill(covered, _NEG), -1).clamp(min=TAIL_LOG_FLOOR)
     out = (teacher.tail_logmass.float().clamp(min=TAIL_LOG_FLOOR) - logq_tail)[..., None].expand_as(logq).clone()
     top = teacher.logprobs.float() - logq.gather(-1, teacher.ids)
@@ -112,20 +111,17 @@ def log_ratio(student_logits: torch.Tensor, teacher: TeacherSignal) -> torch.Ten
 
 def _gap_rows(student: torch.Tensor, teacher: TeacherSignal, f: torch.Tensor, tail: str) -> torch.Tensor:
     """g = sum_a (p - q) f for [n, V] student logits, teacher rows and [n, V] adversary values."""
-    dt = torch.float64 if student.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(student)
     s, f = student.to(dt), f.to(dt)
     q = torch.softmax(s, dim=-1)
     student_term = (q * f).sum(-1)
     if isinstance(teacher, torch.Tensor):
         return (torch.softmax(teacher.to(dt), dim=-1) * f).sum(-1) - student_term
-    valid = teacher.logprobs > PAD_LOGPROB_THRESHOLD
+    valid, covered = topk_cover(teacher, s.shape[-1])
     p_k = torch.where(valid, teacher.logprobs.to(dt).exp(), torch.zeros((), dtype=dt, device=s.device))
     top = (p_k * f.gather(1, teacher.ids)).sum(-1)
     if tail == "zero":
         return top - student_term
-    n, v = s.shape
-    ids = torch.where(valid, teacher.ids, v)  # padded slots go to a dummy column
-    covered = torch.zeros(n, v + 1, dtype=torch.bool, device=s.device).scatter_(1, ids, True)[:, :v]
     w_tail = torch.softmax(s.masked_fill(covered, _NEG), dim=-1)  # q restricted to the tail
     p_tail = teacher.tail_logmass.to(dt).clamp(min=TAIL_LOG_FLOOR).exp()
     p_tail = torch.where(covered.all(-1), torch.zeros_like(p_tail), p_tail)
@@ -136,8 +132,7 @@ def moment_gap(student_logits: torch.Tensor, teacher: TeacherSignal, q_values: t
                mask: torch.Tensor, tail: str = "student_mean") -> torch.Tensor:
     """[B, T] gap sum_a (pi*(a|s_t) - pi_theta(a|s_t)) f(s_t, a); 0 where ``mask`` is false."""
     m = mask.to(torch.bool)
-    out = torch.zeros(m.shape, dtype=torch.float64 if student_logits.dtype == torch.float64
-                      else torch.float32, device=student_logits.device)
+    out = torch.zeros(m.shape, dtype=compute_dtype(student_logits), device=student_logits.device)
     if m.any():
         idx = m.nonzero(as_tuple=True)
         out = out.index_put(idx, _gap_rows(student_logits[idx], _select(teacher, idx), q_values[idx], tail))
@@ -194,7 +189,13 @@ def adversary_values(heads: tuple[QHead, QHead], hidden: torch.Tensor, student_l
     ratio = (log_ratio(student_logits[index].detach(), _select(teacher, index))
              if heads[0].kind == "logratio" else None)
     on = is_on_policy.to(torch.bool)[index[0]]
-    return torch.where(on[:, None], heads[0](h, ratio), heads[1](h, ratio))
+
+    def run(head: QHead, rows: torch.Tensor) -> torch.Tensor:  # a head only on its own rows
+        return head(h[rows], None if ratio is None else ratio[rows])
+    f_on, f_off = run(heads[0], on), run(heads[1], ~on)
+    f = f_on.new_empty(len(h), f_on.shape[-1])
+    f[on], f[~on] = f_on, f_off
+    return f
 
 
 def _values_at(q_values: Any) -> Callable[[tuple], torch.Tensor]:
@@ -224,7 +225,7 @@ class StudentInputs:
 @torch.no_grad()
 def _gaps_and_logq(student_logits, teacher, f_at, y, mask, tail, chunk_size):
     """[B, T] moment gaps and log q(y_t|s_t), computed chunk by chunk without a graph."""
-    dt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(student_logits)
     gap = torch.zeros(mask.shape, dtype=dt, device=student_logits.device)
     logq = torch.zeros(mask.shape, dtype=dt, device=student_logits.device)
     for index in position_chunks(mask, chunk_size):

@@ -40,8 +40,21 @@ _NEG = -1e30                  # finite "minus infinity" (an all -inf logsumexp h
 
 # ------------------------------------------------------------------------ bucket log-probs
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the maths runs in: float64 stays float64, everything else is float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def topk_cover(teacher: TopKSignal, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid [..., k], covered [..., V]): real top-k slots, and the tokens they name.
+
+    Padded slots (teacher logprob <= PAD_LOGPROB_THRESHOLD, id 0) are sent to a dummy column
+    V, so they never mark token 0 as covered.
+    """
+    valid = teacher.logprobs > PAD_LOGPROB_THRESHOLD
+    ids = torch.where(valid, teacher.ids, vocab)
+    covered = torch.zeros(*ids.shape[:-1], vocab + 1, dtype=torch.bool, device=ids.device)
+    return valid, covered.scatter_(-1, ids, True)[..., :vocab]
 
 
 def _log_buckets(student: torch.Tensor, teacher: Union[torch.Tensor, TopKSignal]):
@@ -50,18 +63,15 @@ def _log_buckets(student: torch.Tensor, teacher: Union[torch.Tensor, TopKSignal]
     ``valid`` is None (all buckets count) or an [n, k+1] bool mask that drops padded slots;
     at dropped slots log p and log q hold 0 so every term stays finite.
     """
-    dt = _compute_dtype(student)
+    dt = compute_dtype(student)
     s = student.to(dt)
     log_z = torch.logsumexp(s, dim=-1, keepdim=True)
     if isinstance(teacher, torch.Tensor):
         return torch.log_softmax(teacher.to(dt), dim=-1), s - log_z, None
-    n, v = s.shape
     t_lp = teacher.logprobs.to(dt)
-    valid = t_lp > PAD_LOGPROB_THRESHOLD
-    # Student mass outside the valid top-k ids; padded slots are sent to a dummy column V.
-    ids = torch.where(valid, teacher.ids, v)
-    covered = torch.zeros(n, v + 1, dtype=torch.bool, device=s.device).scatter_(1, ids, True)
-    tail_q = torch.logsumexp(s.masked_fill(covered[:, :v], _NEG), dim=-1) - log_z[:, 0]
+    valid, covered = topk_cover(teacher, s.shape[-1])
+    # Student mass outside the valid top-k ids.
+    tail_q = torch.logsumexp(s.masked_fill(covered, _NEG), dim=-1) - log_z[:, 0]
     top_q = s.gather(1, teacher.ids) - log_z
     zero = torch.zeros((), dtype=dt, device=s.device)
     logp = torch.cat([torch.where(valid, t_lp, zero),
@@ -132,7 +142,7 @@ def _per_position_skew_reverse_kl(student, teacher, alpha=0.1):
 
 def _per_position_sft(student, labels):
     """-log q(label) = logsumexp(logits) - logits[label]."""
-    s = student.to(_compute_dtype(student))
+    s = student.to(compute_dtype(student))
     return torch.logsumexp(s, dim=-1) - s.gather(1, labels[:, None])[:, 0]
 
 
@@ -163,7 +173,7 @@ class _ChunkedMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, per_position, side, positions, chunk_size, scale, params):
         grad = torch.zeros_like(student_logits) if student_logits.requires_grad else None
-        total = torch.zeros((), dtype=_compute_dtype(student_logits), device=student_logits.device)
+        total = torch.zeros((), dtype=compute_dtype(student_logits), device=student_logits.device)
         for start in range(0, positions[0].numel(), chunk_size):
             index = tuple(p[start:start + chunk_size] for p in positions)
             x = student_logits[index].detach()
@@ -189,6 +199,22 @@ class _ChunkedMean(torch.autograd.Function):
         return grad * grad_out.to(grad.dtype), None, None, None, None, None, None
 
 
+def _reduce(per_position: Callable, student_logits: torch.Tensor, side: Any, mask: torch.Tensor,
+            chunk_size: int, params: dict, *, mean: bool, naive: bool = False) -> torch.Tensor:
+    """Sum (or mean) of ``per_position`` over masked positions: chunked unless ``naive``.
+
+    An empty mask gives a zero that is still attached to the graph.
+    """
+    positions = mask.to(torch.bool).nonzero(as_tuple=True)
+    n = positions[0].numel()
+    if n == 0:
+        return student_logits.reshape(-1)[:0].to(compute_dtype(student_logits)).sum()
+    scale = 1.0 / n if mean else 1.0
+    if naive:
+        return per_position(student_logits[positions], _select(side, positions), **params).sum() * scale
+    return _ChunkedMean.apply(student_logits, per_position, side, positions, chunk_size, scale, params)
+
+
 def chunked_sum(per_position: Callable, student_logits: torch.Tensor, side: Any,
                 mask: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, **params) -> torch.Tensor:
     """Sum of ``per_position(rows, side_rows, **params)`` over masked positions, in chunks.
@@ -196,25 +222,13 @@ def chunked_sum(per_position: Callable, student_logits: torch.Tensor, side: Any,
     ``per_position`` maps [n, V] logits (and the matching rows of ``side``) to [n] values; the
     gradient with respect to ``student_logits`` is built chunk by chunk (see _ChunkedMean).
     """
-    mask = mask.to(torch.bool)
-    if not bool(mask.any()):
-        return student_logits.reshape(-1)[:0].to(_compute_dtype(student_logits)).sum()
-    positions = mask.nonzero(as_tuple=True)
-    return _ChunkedMean.apply(student_logits, per_position, side, positions, chunk_size, 1.0, params)
+    return _reduce(per_position, student_logits, side, mask, chunk_size, params, mean=False)
 
 
 def _masked_mean(per_position: Callable, student_logits: torch.Tensor, side: Any,
                  mask: torch.Tensor, chunk_size: int, naive: bool, **params) -> torch.Tensor:
     """Mean of ``per_position`` over masked positions: chunked (see _ChunkedMean) unless naive."""
-    mask = mask.to(torch.bool)
-    dt = _compute_dtype(student_logits)
-    if not bool(mask.any()):  # an empty sum: zero, still attached to the graph
-        return student_logits.reshape(-1)[:0].to(dt).sum()
-    positions = mask.nonzero(as_tuple=True)
-    n = positions[0].numel()
-    if naive:
-        return per_position(student_logits[positions], _select(side, positions), **params).sum() / n
-    return _ChunkedMean.apply(student_logits, per_position, side, positions, chunk_size, 1.0 / n, params)
+    return _reduce(per_position, student_logits, side, mask, chunk_size, params, mean=True, naive=naive)
 
 
 # ----------------------------------------------------------------------------- the losses

@@ -154,9 +154,7 @@ class ReplayBuffer:
             (self.spill_dir / seg["file"]).unlink(missing_ok=True)
         self._write_manifest(skip_rows=total - held)
 
-    def _write_manifest(self, skip_rows: Optional[int] = None) -> None:
-        if skip_rows is None:
-            skip_rows = sum(s["rows"] for s in self._segments) - self.table.num_rows
+    def _write_manifest(self, skip_rows: int) -> None:
         manifest = {"schema_version": SCHEMA.metadata[b"ammd.schema_version"].decode(),
                     "segments": self._segments, "skip_rows": max(0, skip_rows),
                     "appended": self.appended, "evicted": self.evicted}
