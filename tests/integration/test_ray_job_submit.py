@@ -9,7 +9,6 @@ Token auth is disabled on this throwaway head (PLATFORM.md): nothing is written 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,14 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from learner.learner_actor import free_port
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:

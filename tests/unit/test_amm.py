@@ -95,55 +95,74 @@ PREFIXES = [p for n in range(T) for p in itertools.product(range(V), repeat=n)]
 STATE = {p: i for i, p in enumerate(PREFIXES)}
 
 
-def state_ids(seqs):
-    return torch.tensor([[STATE[tuple(y[:t])] for t in range(T)] for y in seqs])
+EOS = 2  # in the variable-length problem, token 2 ends a response
 
 
-def exact_d_on(theta, teacher, f):
-    """D_on(theta) = sum_y pi(y) 1/T sum_t g(s_t), by enumerating all V^T sequences."""
+def fixed_length_responses():
+    return list(itertools.product(range(V), repeat=T))
+
+
+def eos_responses():
+    """Every response of at most T tokens that stops at its first EOS."""
+    return [y for n in range(1, T + 1) for y in itertools.product(range(V), repeat=n)
+            if EOS not in y[:-1] and (n == T or y[-1] == EOS)]
+
+
+def tabular_problem(seed):
+    """Student logits, teacher logits and adversary values per state (prefix)."""
+    g = torch.Generator().manual_seed(seed)
+    theta0 = torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64)
+    teacher = torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64) * 2
+    f = torch.tanh(torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64) * 2)
+    return theta0, teacher, f, g
+
+
+def exact_d_on(theta, teacher, f, responses):
+    """D_on(theta) = sum_y pi(y) 1/|y| sum_t g(s_t), by enumerating every response."""
     q, p = torch.softmax(theta, -1), torch.softmax(teacher, -1)
     g = ((p - q) * f).sum(-1)  # per state
     total = 0
-    for y in itertools.product(range(V), repeat=T):
-        ids = [STATE[y[:t]] for t in range(T)]
-        prob = torch.stack([q[ids[t], y[t]] for t in range(T)]).prod()
+    for y in responses:
+        ids = [STATE[y[:t]] for t in range(len(y))]
+        prob = torch.stack([q[ids[t], y[t]] for t in range(len(y))]).prod()
         total = total + prob * g[ids].mean()
     return total
 
 
-ALL = torch.tensor(list(itertools.product(range(V), repeat=T)))   # [V^T, T]
-ALL_STATES = state_ids(ALL.tolist())                                # [V^T, T]
+def padded(ys):
+    ids = torch.zeros(len(ys), T, dtype=torch.long)
+    mask = torch.zeros(len(ys), T, dtype=torch.bool)
+    for i, y in enumerate(ys):
+        ids[i, :len(y)] = torch.tensor(y)
+        mask[i, :len(y)] = True
+    states = torch.tensor([[STATE[tuple(y[:t])] if t < len(y) else 0 for t in range(T)] for y in ys])
+    return ids, mask, states
 
 
-def sample(theta, n, gen):
-    """n sequences drawn from pi_theta (via the enumerated sequence probabilities)."""
-    q = torch.softmax(theta, -1)
-    probs = q[ALL_STATES, ALL].prod(-1)
-    return ALL[torch.multinomial(probs, n, replacement=True, generator=gen)]
+def mc_gradient(theta0, teacher, f, responses, batches, gen, returns, baseline_kind="loo"):
+    """Mean and standard error of the student-loss gradient over batches of 64 sampled responses."""
+    ids, mask, states = padded(responses)
+    probs = torch.softmax(theta0, -1)[states, ids].where(mask, torch.ones(())).prod(-1)
+    grads = []
+    for _ in range(batches):
+        pick = torch.multinomial(probs, 64, replacement=True, generator=gen)
+        th = theta0.clone().requires_grad_(True)
+        y, m, s = ids[pick], mask[pick], states[pick]
+        behavior = torch.log_softmax(theta0[s], -1).gather(2, y[..., None])[..., 0]
+        batch = StudentInputs(y, m, torch.ones(64, dtype=torch.bool), behavior)
+        loss, _ = student_loss(th[s], teacher[s], f[s], batch, beta=0.0, returns=returns,
+                               baseline_kind=baseline_kind, chunk_size=50)
+        grads.append(torch.autograd.grad(loss, th)[0])
+    grads = torch.stack(grads)
+    return grads.mean(0), grads.std(0) / len(grads) ** 0.5
 
 
 @pytest.mark.parametrize("baseline_kind,returns", [("none", "to_go"), ("loo", "to_go"), ("loo", "full")])
 def test_on_policy_gradient_estimator_is_unbiased(baseline_kind, returns):
-    g = torch.Generator().manual_seed(0)
-    theta0 = torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64)
-    teacher = torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64) * 2
-    f = torch.tanh(torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64) * 2)
+    theta0, teacher, f, g = tabular_problem(0)
     theta = theta0.clone().requires_grad_(True)
-    exact = torch.autograd.grad(exact_d_on(theta, teacher, f), theta)[0]
-
-    grads = []
-    for _ in range(200):
-        y = sample(theta0, 64, g)
-        ids = ALL_STATES[(y * torch.tensor([V * V, V, 1])).sum(-1)]
-        th = theta0.clone().requires_grad_(True)
-        logits = th[ids]
-        behavior = torch.log_softmax(theta0[ids], -1).gather(2, y[..., None])[..., 0]
-        batch = StudentInputs(y, torch.ones(64, T, dtype=torch.bool), torch.ones(64, dtype=torch.bool), behavior)
-        loss, _ = student_loss(logits, teacher[ids], f[ids], batch, beta=0.0, baseline_kind=baseline_kind,
-                               chunk_size=50, returns=returns)
-        grads.append(torch.autograd.grad(loss, th)[0])
-    grads = torch.stack(grads)
-    mean, se = grads.mean(0), grads.std(0) / len(grads) ** 0.5
+    exact = torch.autograd.grad(exact_d_on(theta, teacher, f, fixed_length_responses()), theta)[0]
+    mean, se = mc_gradient(theta0, teacher, f, fixed_length_responses(), 200, g, returns, baseline_kind)
     assert ((mean - exact).abs() <= 4 * se + 1e-6).all(), (mean - exact).abs().max()
     # The estimator is not trivially zero: the exact gradient is far from 0 relative to the error.
     assert exact.abs().max() > 10 * se.max()
@@ -205,69 +224,14 @@ def test_resolve_amm_params():
         resolve_amm_params({"tail": "drop"})
 
 
-# ------------------------------------------- variable length: token 2 ends the response
-EOS = 2
-
-
-def all_responses():
-    """Every response of at most T tokens that stops at its first EOS."""
-    out = []
-    for n in range(1, T + 1):
-        for y in itertools.product(range(V), repeat=n):
-            if EOS not in y[:-1] and (n == T or y[-1] == EOS):
-                out.append(y)
-    return out
-
-
-def padded(ys):
-    ids = torch.zeros(len(ys), T, dtype=torch.long)
-    mask = torch.zeros(len(ys), T, dtype=torch.bool)
-    for i, y in enumerate(ys):
-        ids[i, :len(y)] = torch.tensor(y)
-        mask[i, :len(y)] = True
-    states = torch.tensor([[STATE[tuple(y[:t])] if t < len(y) else 0 for t in range(T)] for y in ys])
-    return ids, mask, states
-
-
-def exact_d_on_with_eos(theta, teacher, f):
-    q, p = torch.softmax(theta, -1), torch.softmax(teacher, -1)
-    g = ((p - q) * f).sum(-1)
-    total = 0
-    for y in all_responses():
-        ids = [STATE[y[:t]] for t in range(len(y))]
-        prob = torch.stack([q[ids[t], y[t]] for t in range(len(y))]).prod()
-        total = total + prob * g[ids].mean()
-    return total
-
-
-def mc_gradient(theta0, teacher, f, returns, batches, gen):
-    ys = all_responses()
-    ids, mask, states = padded(ys)
-    grads = []
-    for _ in range(batches):
-        probs = torch.softmax(theta0, -1)[states, ids].where(mask, torch.ones(())).prod(-1)
-        pick = torch.multinomial(probs, 64, replacement=True, generator=gen)
-        th = theta0.clone().requires_grad_(True)
-        y, m, s = ids[pick], mask[pick], states[pick]
-        behavior = torch.log_softmax(theta0[s], -1).gather(2, y[..., None])[..., 0]
-        batch = StudentInputs(y, m, torch.ones(64, dtype=torch.bool), behavior)
-        loss, _ = student_loss(th[s], teacher[s], f[s], batch, beta=0.0, returns=returns, chunk_size=64)
-        grads.append(torch.autograd.grad(loss, th)[0])
-    grads = torch.stack(grads)
-    return grads.mean(0), grads.std(0) / len(grads) ** 0.5
-
-
 def test_full_returns_are_unbiased_with_eos_and_to_go_is_not():
-    g = torch.Generator().manual_seed(3)
-    theta0 = torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64)
-    teacher = torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64) * 2
-    f = torch.tanh(torch.randn(len(PREFIXES), V, generator=g, dtype=torch.float64) * 2)
+    theta0, teacher, f, g = tabular_problem(3)
     theta = theta0.clone().requires_grad_(True)
-    exact = torch.autograd.grad(exact_d_on_with_eos(theta, teacher, f), theta)[0]
-    mean, se = mc_gradient(theta0, teacher, f, "full", 300, g)
+    exact = torch.autograd.grad(exact_d_on(theta, teacher, f, eos_responses()), theta)[0]
+    mean, se = mc_gradient(theta0, teacher, f, eos_responses(), 300, g, "full")
     assert ((mean - exact).abs() <= 4 * se + 1e-6).all(), (mean - exact).abs().max()
     # Return-to-go treats 1/|y| as a constant: with EOS its mean misses the exact gradient.
-    mean_tg, se_tg = mc_gradient(theta0, teacher, f, "to_go", 300, g)
+    mean_tg, se_tg = mc_gradient(theta0, teacher, f, eos_responses(), 300, g, "to_go")
     assert ((mean_tg - exact).abs() > 6 * se_tg).any()
 
 

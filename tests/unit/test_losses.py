@@ -218,12 +218,17 @@ def test_generalized_jsd_limits_and_symmetry():
     assert_close(fn(student, teacher, mask, beta=0.5), fn(teacher, student, mask, beta=0.5), tol=1e-6)
 
 
+def loss_inputs(name, topk, seed):
+    """Student logits, the teacher (full or top-4), mask and the loss's extra kwargs."""
+    student, teacher, mask, labels = make_inputs(seed=seed)
+    return (student, topk_signal(teacher, 4) if topk else teacher, mask,
+            {"labels": labels} if name == "sft" else {})
+
+
 @pytest.mark.parametrize("name", DIVERGENCES + ["sft"])
 @pytest.mark.parametrize("topk", [False, True], ids=["full", "topk"])
 def test_chunk_size_and_naive_agree(name, topk):
-    student, teacher, mask, labels = make_inputs(seed=9)
-    t = topk_signal(teacher, 4) if topk else teacher
-    extra = {"labels": labels} if name == "sft" else {}
+    student, t, mask, extra = loss_inputs(name, topk, seed=9)
     v1, g1 = value_and_grad(name, student, t, mask, chunk_size=1024, **extra)
     v3, g3 = value_and_grad(name, student, t, mask, chunk_size=3, **extra)
     vn, gn = value_and_grad(name, student, t, mask, naive=True, **extra)
@@ -237,9 +242,7 @@ def test_chunk_size_and_naive_agree(name, topk):
 @pytest.mark.parametrize("name", DIVERGENCES + ["sft"])
 @pytest.mark.parametrize("topk", [False, True], ids=["full", "topk"])
 def test_empty_mask_is_zero_with_a_gradient(name, topk):
-    student, teacher, mask, labels = make_inputs(seed=10)
-    t = topk_signal(teacher, 4) if topk else teacher
-    extra = {"labels": labels} if name == "sft" else {}
+    student, t, mask, extra = loss_inputs(name, topk, seed=10)
     x = student.clone().requires_grad_(True)
     out = get_loss(name).fn(x, t, torch.zeros_like(mask), **extra)
     assert out.item() == 0.0
