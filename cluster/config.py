@@ -59,6 +59,9 @@ class RolloutConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gpus_per_actor: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1, description="torch/OpenMP threads per rollout actor on CPU")
+    off_policy: Literal["teacher", "dataset"] = Field(
+        "teacher", description="off-policy rows: the teacher's samples, or the training file's own "
+                               "responses scored by the teacher (SFT and ground-truth KD)")
 
 
 class BufferConfig(_Strict):

@@ -1,7 +1,7 @@
 """Prompt data: reading JSONL, Parquet or a saved HF dataset directory, and tokenising it.
 
-Every row needs a ``prompt`` string; ``response`` is optional (SFT, scoring, references for
-evaluation). Problems are reported as one line naming the file, the row and the fix.
+Every row needs a ``prompt`` string; ``response`` is optional (references for evaluation, and
+the off-policy rows when ``rollout.off_policy`` is ``dataset``). Problems are reported as one line naming the file, the row and the fix.
 """
 from __future__ import annotations
 
@@ -71,3 +71,25 @@ def load_prompts(path: str, tokenizer: Any, max_prompt_tokens: int, limit: Optio
         ref = row.get("response")
         prompts.append(Prompt(n - 1, text, list(ids), ref if isinstance(ref, str) else None))
     return prompts
+
+
+def reference_rows(prompts: list[Prompt], tokenizer: Any, stop_id: int, max_response_tokens: int,
+                   path: str) -> list[tuple[int, list[int], list[int]]]:
+    """(prompt_id, prompt ids, response ids + stop token) for every training row.
+
+    Used when the off-policy rows are the file's own responses, so every row needs one that
+    fits the response budget.
+    """
+    rows = []
+    for p in prompts:
+        if p.reference is None:
+            raise DataError(f"{path}: row {p.prompt_id + 1} has no 'response' string; "
+                            f"rollout.off_policy=dataset trains on the file's responses, so every "
+                            f"row needs one (or set rollout.off_policy=teacher)")
+        ids = tokenizer(p.reference, add_special_tokens=False)["input_ids"] + [stop_id]
+        if len(ids) > max_response_tokens:
+            raise DataError(f"{path}: row {p.prompt_id + 1} has a response of {len(ids)} tokens "
+                            f"(with the stop token), longer than data.max_response_tokens="
+                            f"{max_response_tokens}; shorten it or raise data.max_response_tokens")
+        rows.append((p.prompt_id, p.ids, ids))
+    return rows

@@ -3,6 +3,7 @@
 Each request is a chain of Ray tasks that the driver never waits on directly:
   student.sample(prompts) -> teacher.score_rows(samples) -> buffer.append(rows)    (on-policy)
   teacher.sample_rows(prompts) -> buffer.append(rows)                              (off-policy)
+  teacher.score_references(file rows) -> buffer.append(rows)       (off-policy, rollout.off_policy=dataset)
 Ray passes the intermediate results actor to actor. The driver keeps at most one request in
 flight per actor and launches one only while the buffer holds fewer usable rows than
 ``ahead`` learner steps need, so rollouts run ahead of the learner without flooding it.
@@ -12,22 +13,28 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, TypeVar
 
 import numpy as np
 import ray
 
 from cluster.data import Prompt
 
+T = TypeVar("T")
+
+
+def batch_stream(items: list[T], batch_size: int, seed: int) -> Iterator[list[T]]:
+    """Endless batches of ``items``, a fresh seeded shuffle every epoch."""
+    rng = np.random.default_rng(seed)
+    for _ in itertools.count():
+        order = rng.permutation(len(items))
+        for start in range(0, len(order), batch_size):
+            yield [items[i] for i in order[start: start + batch_size]]
+
 
 def prompt_stream(prompts: list[Prompt], batch_size: int, seed: int) -> Iterator[list[tuple[int, list[int]]]]:
     """Endless batches of (prompt_id, ids), a fresh seeded shuffle every epoch."""
-    rng = np.random.default_rng(seed)
-    for _ in itertools.count():
-        order = rng.permutation(len(prompts))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start: start + batch_size]
-            yield [(prompts[i].prompt_id, prompts[i].ids) for i in chunk]
+    return batch_stream([(p.prompt_id, p.ids) for p in prompts], batch_size, seed)
 
 
 @dataclass
@@ -36,6 +43,7 @@ class RolloutPump:
     teachers: list
     buffer: Any
     stream: Iterator[list[tuple[int, list[int]]]]
+    references: Optional[Iterator[list[tuple[int, list[int], list[int]]]]] = None  # dataset off-policy rows
     inflight: dict = field(default_factory=dict)  # ObjectRef -> (kind, actor index)
     tokens: int = 0
     rows: dict = field(default_factory=lambda: {"student": 0, "teacher": 0})
@@ -64,7 +72,8 @@ class RolloutPump:
         if need_off and have["off_policy"] < ahead * need_off:
             for i, teacher in enumerate(self.teachers):
                 if not self._busy("teacher", i):
-                    rows = teacher.sample_rows.remote(next(self.stream))
+                    rows = (teacher.score_references.remote(next(self.references)) if self.references
+                            else teacher.sample_rows.remote(next(self.stream)))
                     self.inflight[self.buffer.append.remote(rows)] = ("teacher", i)
 
     def wait_one(self, timeout: float = 600.0) -> None:

@@ -4,7 +4,8 @@ The same class serves both roles; the driver decides which methods it calls:
 - student: ``sample`` (on-policy responses with behaviour log-probs and the weight version),
   ``load_weights`` (a push from the learner), ``greedy`` (evaluation);
 - teacher: ``sample_rows`` (off-policy responses, with the teacher's own top-k signal taken
-  from the generation itself), ``score_rows`` (top-k signal for student samples), ``greedy``.
+  from the generation itself), ``score_rows`` (top-k signal for student samples),
+  ``score_references`` (top-k signal for the training file's own responses), ``greedy``.
 Rows leave as one Arrow RecordBatch per request, ready for the replay buffer.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rollout.engine import Generation, SamplingConfig, make_engine, tail_logmass
 from services.buffer_schema import Row, rows_to_batch
 
 PromptBatch = list[tuple[int, list[int]]]  # (prompt_id, prompt token ids)
+ReferenceBatch = list[tuple[int, list[int], list[int]]]  # (prompt_id, prompt ids, response ids)
 
 
 @dataclass
@@ -74,6 +76,19 @@ class RolloutWorker:
         scores = self.engine.score([g.prompt_ids for g in gens], [g.response_ids for g in gens], self.topk)
         rows = [self._row(pid, g, "student", samples.policy_version, s.topk_ids, s.topk_logprobs)
                 for pid, g, s in zip(samples.prompt_ids, gens, scores)]
+        return rows_to_batch(rows)
+
+    def score_references(self, batch: ReferenceBatch):
+        """Off-policy rows of source "dataset": given responses with the teacher's top-k signal.
+
+        Their behaviour log-probs are zeros: no policy sampled them, and no objective reads the
+        behaviour log-probs of off-policy rows.
+        """
+        gens = [Generation(np.asarray(p, np.int32), np.asarray(r, np.int32), np.zeros(len(r), np.float32),
+                           "stop") for _, p, r in batch]
+        scores = self.engine.score([g.prompt_ids for g in gens], [g.response_ids for g in gens], self.topk)
+        rows = [self._row(pid, g, "dataset", -1, s.topk_ids, s.topk_logprobs)
+                for (pid, _, _), g, s in zip(batch, gens, scores)]
         return rows_to_batch(rows)
 
     # -- both ------------------------------------------------------------------------------
