@@ -38,12 +38,47 @@ def actor_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, An
 
 
 @dataclass
-class Actors:
-    buffer: Any
+class Rollouts:
+    """The rollout actors, which a sweep of jobs on one model pair may share (``run_job``).
+
+    ``settings`` records what their engines were started with; a job asking for anything else
+    cannot use them.
+    """
+
     students: list
     teachers: list
+    settings: dict
+
+    @staticmethod
+    def settings_of(cfg: JobConfig) -> dict:
+        return {"models": [cfg.models.teacher, cfg.models.student], "seed": cfg.seed,
+                "rollout": cfg.rollout.model_dump(exclude={"off_policy", "prompts_per_batch"}),
+                "max_response_tokens": cfg.data.max_response_tokens,
+                "weight_transport": cfg.learner.weight_transport}
+
+    def check_fits(self, cfg: JobConfig) -> None:
+        wanted = self.settings_of(cfg)
+        differ = sorted(k for k in wanted if wanted[k] != self.settings[k])
+        if differ:
+            raise ValueError(f"the shared rollout actors were started with other {differ}; "
+                             f"start them with this job's config")
+
+
+@dataclass
+class Actors:
+    buffer: Any
+    rollouts: Rollouts
     learners: list
     placement: Any
+    owns_rollouts: bool = True  # False: the caller started the rollouts and stops them
+
+    @property
+    def students(self) -> list:
+        return self.rollouts.students
+
+    @property
+    def teachers(self) -> list:
+        return self.rollouts.teachers
 
     def all(self) -> list:
         return [self.buffer, *self.students, *self.teachers, *self.learners]
@@ -91,22 +126,43 @@ def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: st
     return learners, pg
 
 
-def start_actors(cfg: JobConfig, teacher_dir: str, student_dir: str, pair: ModelPair) -> Actors:
-    """Start everything and wait until each actor has finished its constructor."""
+def start_rollouts(cfg: JobConfig, pair: ModelPair) -> Rollouts:
+    """Start the student and teacher rollout actors and wait until their engines are loaded."""
+    students = [_rollout(cfg, "student", cfg.models.student, pair, i) for i in range(cfg.rollout.student_actors)]
+    teachers = [_rollout(cfg, "teacher", cfg.models.teacher, pair, i) for i in range(cfg.rollout.teacher_actors)]
+    ray.get([a.health.remote() for a in students + teachers])
+    return Rollouts(students, teachers, Rollouts.settings_of(cfg))
+
+
+def stop_rollouts(rollouts: Rollouts) -> None:
+    for actor in rollouts.students + rollouts.teachers:
+        ray.kill(actor)
+
+
+def start_actors(cfg: JobConfig, pair: ModelPair, rollouts: Rollouts | None = None) -> Actors:
+    """Start the buffer, the learner group and (unless given) the rollout actors; wait for all.
+
+    The models are ``cfg.models.teacher`` / ``cfg.models.student`` (local directories or hub ids).
+    """
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
         cfg.buffer.capacity_rows, cfg.seed, cfg.buffer.spill_dir,
         cfg.buffer.on_policy_uses, cfg.buffer.off_policy_uses)
-    students = [_rollout(cfg, "student", student_dir, pair, i) for i in range(cfg.rollout.student_actors)]
-    teachers = [_rollout(cfg, "teacher", teacher_dir, pair, i) for i in range(cfg.rollout.teacher_actors)]
-    learners, pg = _learners(cfg, student_dir, pair, teacher_dir)
-    actors = Actors(buffer, students, teachers, learners, pg)
-    # health() returns only after __init__ ran: engines loaded, DeepSpeed group formed.
-    ray.get([a.health.remote() for a in students + teachers] + [l.ready.remote() for l in learners])
-    return actors
+    owns = rollouts is None
+    if owns:
+        rollouts = start_rollouts(cfg, pair)
+    else:
+        rollouts.check_fits(cfg)
+    learners, pg = _learners(cfg, cfg.models.student, pair, cfg.models.teacher)
+    # ready() returns only after __init__ ran: the DeepSpeed group is formed.
+    ray.get([l.ready.remote() for l in learners])
+    return Actors(buffer, rollouts, learners, pg, owns)
 
 
 def stop_actors(actors: Actors) -> None:
+    """Stop the job's actors; shared rollout actors are left to whoever started them."""
     from ray.util.placement_group import remove_placement_group
-    for actor in actors.all():
+    for actor in [actors.buffer, *actors.learners]:
         ray.kill(actor)
+    if actors.owns_rollouts:
+        stop_rollouts(actors.rollouts)
     remove_placement_group(actors.placement)

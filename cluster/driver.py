@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import ray
 
-from cluster.actors import Actors, start_actors, stop_actors
+from cluster.actors import Actors, Rollouts, start_actors, stop_actors
 from cluster.config import JobConfig
-from cluster.data import load_prompts
+from cluster.data import load_prompts, reference_rows
 from cluster.evaluate import greedy_score
 from cluster.models import check_models
 from cluster.report import write_report
-from cluster.rollouts import RolloutPump, prompt_stream
+from cluster.rollouts import RolloutPump, batch_stream, prompt_stream
 from services.status import JobStatus, StatusServer
 
 MAX_NONFINITE_STEPS = 3
@@ -128,14 +128,18 @@ class Trainer:
         if versions:
             self.max_lag = max(self.max_lag, self.version - min(versions))
 
-    def push_weights(self) -> None:
-        """Pack weights on rank 0 (all ranks enter, for ZeRO-3) and queue the load on students."""
+    def push_weights(self, version: int | None = None) -> None:
+        """Pack weights on rank 0 (all ranks enter, for ZeRO-3) and queue the load on students.
+
+        The students load them as ``version`` (default: the next one). A student actor runs its
+        calls in order, so anything asked of it after this sees the new weights.
+        """
         lc = self.cfg.learner
         refs = [l.export_weights.remote(lc.weight_transport, lc.bucket_mib, self.cfg.rollout.dtype)
                 for l in self.actors.learners]
         payload = refs[0]  # rank 0's buckets; Ray hands them to the students without the driver
         ray.get(refs[1:])  # the other ranks only took part in the gather
-        self.version += 1
+        self.version = self.version + 1 if version is None else version
         for student in self.actors.students:
             student.load_weights.remote(payload, self.version)
 
@@ -143,8 +147,13 @@ class Trainer:
         return self.tokens / max(self.train_seconds, 1e-9)
 
 
-def run_job(cfg: JobConfig) -> dict[str, Any]:
-    """Run one distillation job to the end and return its report."""
+def run_job(cfg: JobConfig, rollouts: Rollouts | None = None) -> dict[str, Any]:
+    """Run one distillation job to the end and return its report.
+
+    ``rollouts``: rollout actors started by the caller (``cluster.actors.start_rollouts``) for a
+    sweep of jobs on one model pair; the job resets their student weights to its own initial
+    ones and leaves them running. By default the job starts and stops its own.
+    """
     started = time.time()
     cfg = resolve_inputs(cfg)
     pair = check_models(cfg.models.teacher, cfg.models.student,
@@ -152,6 +161,10 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     train = load_prompts(cfg.data.train, pair.tokenizer, cfg.data.max_prompt_tokens)
     evals = load_prompts(cfg.data.eval or cfg.data.train, pair.tokenizer, cfg.data.max_prompt_tokens,
                          limit=cfg.data.eval_size)
+    references = None
+    if cfg.rollout.off_policy == "dataset":
+        references = reference_rows(train, pair.tokenizer, pair.stop_token_ids[0],
+                                    cfg.data.max_response_tokens, cfg.data.train)
     log(f"{len(train)} training prompts, {len(evals)} evaluation prompts, metric {cfg.eval.metric}")
 
     init_ray(cfg)
@@ -163,13 +176,15 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     actors = None
     try:
         log("starting actors (buffer, rollout engines, learner group)")
-        actors = start_actors(cfg, cfg.models.teacher, cfg.models.student, pair)
+        actors = start_actors(cfg, pair, rollouts)
+        trainer = Trainer(cfg, actors, status)
+        trainer.push_weights(version=0)  # the students start from the learner's weights
         status.update(state="evaluating", actors={n: {"state": "starting", "last_seen_s": None}
                                                   for n in _actor_names(actors)})
         teacher_eval = greedy_score(actors.teachers[0], evals, pair.tokenizer, cfg.eval.metric)
         before = greedy_score(actors.students[0], evals, pair.tokenizer, cfg.eval.metric)
         log(f"before training: teacher {teacher_eval['score']:.3f}, student {before['score']:.3f}")
-        trainer = _train(cfg, actors, status, train, evals, pair.tokenizer)
+        _train(trainer, train, references, evals, pair.tokenizer)
         after = greedy_score(actors.students[0], evals, pair.tokenizer, cfg.eval.metric)
         log(f"after training: student {after['score']:.3f} (was {before['score']:.3f}, "
             f"teacher {teacher_eval['score']:.3f})")
@@ -215,10 +230,12 @@ def _evaluate_during(trainer: Trainer, evals, tokenizer, status: JobStatus) -> N
         f"(weight version {trainer.version})")
 
 
-def _train(cfg: JobConfig, actors: Actors, status: JobStatus, train, evals, tokenizer) -> Trainer:
-    trainer = Trainer(cfg, actors, status)
+def _train(trainer: Trainer, train, references, evals, tokenizer) -> None:
+    cfg, actors, status = trainer.cfg, trainer.actors, trainer.status
+    per_batch = cfg.rollout.prompts_per_batch
     pump = RolloutPump(actors.students, actors.teachers, actors.buffer,
-                       prompt_stream(train, cfg.rollout.prompts_per_batch, cfg.seed))
+                       prompt_stream(train, per_batch, cfg.seed),
+                       batch_stream(references, per_batch, cfg.seed + 1) if references else None)
     trainer.pump = pump
     n_off = trainer.global_batch - trainer.n_on
     status.update(state="training")
@@ -244,7 +261,6 @@ def _train(cfg: JobConfig, actors: Actors, status: JobStatus, train, evals, toke
     pump.drain()
     if trainer.step % cfg.learner.sync_every != 0:
         trainer.push_weights()
-    return trainer
 
 
 def _publish(trainer: Trainer, pump: RolloutPump, status: JobStatus) -> None:
