@@ -11,7 +11,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING := 0
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench-memory docker-smoke clean
+.PHONY: setup demo test test-fast bench-memory bench-quality docker-smoke clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ test-fast: setup
 
 bench-memory: setup
 	$(PY) -m bench.loss_memory --out bench/results/loss_memory.json
+
+# Every distillation method x 3 toy tasks x 3 seeds through `ammd run`'s job (~90 min on 2 cores);
+# rewrites the quality section of BENCHMARKS.md. `make test` runs a reduced variant.
+bench-quality: setup
+	$(PY) -m bench.quality --benchmarks-md BENCHMARKS.md
 
 # docker-compose smoke test (slow, root, Debian; not part of `make test`): docker/README.md
 docker-smoke:

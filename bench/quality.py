@@ -1,0 +1,160 @@
+"""The quality benchmark: every distillation method, through the users' job, on the toy tasks.
+
+For each task and seed the rollout actors (vLLM teacher and student) start once; each method
+is then one ``cluster.driver.run_job`` on them, which resets the student engine to the initial
+student, starts its own buffer and DeepSpeed learner, trains ``learner.steps`` steps and scores
+the held-out test split. Afterwards the bench scores the same final student on the validation
+split, which only picks AMM's best beta (the test split never selects anything).
+
+Every method has the same budget: the same learner steps of the same batch size, the same
+rollout engines and sampling settings (configs/bench-quality.yaml). What differs is the loss
+and which rows it trains on, given per method in ``METHODS``.
+
+    python -m bench.quality                      # the full benchmark (make bench-quality)
+    python -m bench.quality --tasks sort --seeds 0 --steps 4 --out /tmp/q   # the smoke variant
+
+Results: ``<out>/quality.json`` (every run), ``<out>/quality_curves.png`` and, with
+``--benchmarks-md``, the section of BENCHMARKS.md between the quality markers.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = ROOT / "configs" / "bench-quality.yaml"
+TASKS = ("summarize", "translate", "arith")
+SEEDS = (0, 1, 2)
+AMM_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+_MIXED = ["buffer.on_policy_fraction=0.5"]          # half student samples, half teacher samples
+_ON = ["buffer.on_policy_fraction=1.0"]             # student samples only
+_OFF = ["buffer.on_policy_fraction=0.0"]            # teacher samples only
+
+
+def _amm(beta: float) -> list[str]:
+    # beta weights the off-policy term, so its extremes need only one kind of row.
+    rows = _ON if beta == 0 else _OFF if beta == 1 else _MIXED
+    return ["loss.name=amm", f"loss.params.beta={beta}", *rows]
+
+
+# label -> (rows it trains on, overrides of the base config)
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "SFT": ("dataset", ["loss.name=sft", "rollout.off_policy=dataset", *_OFF]),
+    "FKL": ("mixed", ["loss.name=forward_kl", *_MIXED]),
+    "RKL": ("mixed", ["loss.name=reverse_kl", *_MIXED]),
+    "JSD (0.1)": ("mixed", ["loss.name=generalized_jsd", "loss.params.beta=0.1", *_MIXED]),
+    "JSD (0.5)": ("mixed", ["loss.name=generalized_jsd", "loss.params.beta=0.5", *_MIXED]),
+    "JSD (0.9)": ("mixed", ["loss.name=generalized_jsd", "loss.params.beta=0.9", *_MIXED]),
+    "TVD": ("mixed", ["loss.name=tv_distance", *_MIXED]),
+    "SKL (0.1)": ("mixed", ["loss.name=skew_forward_kl", "loss.params.alpha=0.1", *_MIXED]),
+    "SRKL (0.1)": ("mixed", ["loss.name=skew_reverse_kl", "loss.params.alpha=0.1", *_MIXED]),
+    "GKD (on-policy JSD 0.5)": ("student", ["loss.name=generalized_jsd", "loss.params.beta=0.5", *_ON]),
+    **{f"AMM (beta={b:g})": ("student" if b == 0 else "teacher" if b == 1 else "mixed", _amm(b))
+       for b in AMM_GRID},
+}
+ROWS_SOURCES = {"dataset": {"dataset"}, "mixed": {"student", "teacher"}, "student": {"student"},
+                "teacher": {"teacher"}}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def task_config(task: str, seed: int, extra: list[str]) -> tuple[Any, Any]:
+    """The base job for ``task`` and ``seed`` (toy world of seed 0) and its toy world."""
+    from cluster.config import load_config
+    from tasks.build import build_toy_world
+
+    world = build_toy_world(ROOT / "artifacts" / "toy", task=task, seed=0, log=log)
+    fixed = [f"models.teacher={world.teacher_dir}", f"models.student={world.student_dir}",
+             f"data.train={world.train_path}", f"data.eval={world.test_path}",
+             f"eval.metric={world.metric}", f"seed={seed}", f"models.toy_task={task}"]
+    return load_config(BASE_CONFIG, fixed + extra), world
+
+
+def run_task_seed(task: str, seed: int, methods: dict, extra: list[str]) -> list[dict]:
+    """Every method on one task and seed, sharing one pair of rollout actors."""
+    import ray
+
+    from cluster.actors import start_rollouts, stop_rollouts
+    from cluster.config import build_config
+    from cluster.data import load_prompts
+    from cluster.driver import init_ray, run_job
+    from cluster.evaluate import greedy_score
+    from cluster.models import check_models
+
+    base, world = task_config(task, seed, extra)
+    pair = check_models(base.models.teacher, base.models.student,
+                        base.data.max_prompt_tokens, base.data.max_response_tokens)
+    val = load_prompts(str(world.eval_path), pair.tokenizer, base.data.max_prompt_tokens)
+    init_ray(base)
+    rollouts = start_rollouts(base, pair)
+    records = []
+    try:
+        for label, (rows, overrides) in methods.items():
+            t0 = time.time()
+            slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+            cfg = build_config(base.model_dump(), overrides + [f"name=quality-{task}-s{seed}-{slug}"])
+            report = run_job(cfg, rollouts)
+            val_score = greedy_score(rollouts.students[0], val, pair.tokenizer, cfg.eval.metric)["score"]
+            records.append({
+                "task": task, "seed": seed, "method": label, "rows": rows, "metric": cfg.eval.metric,
+                "test": report["student_score_after"], "val": val_score,
+                "teacher": report["teacher_score"], "student_before": report["student_score_before"],
+                "steps": report["steps"], "rows_by_source": report["rows_by_source"],
+                "seconds": round(time.time() - t0, 1),
+                "curves": [{k: h[k] for k in ("step", "loss", "d_on", "d_off", "adversary_loss") if k in h}
+                           for h in report["history"]],
+            })
+            log(f"{task} seed {seed} {label}: test {cfg.eval.metric} {records[-1]['test']:.3f}, "
+                f"val {val_score:.3f} ({records[-1]['seconds']:.0f} s)")
+    finally:
+        stop_rollouts(rollouts)
+        ray.shutdown()
+    return records
+
+
+def git_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from bench.quality_report import write_outputs
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    ap.add_argument("--methods", nargs="+", default=None, help="labels from METHODS (default: all)")
+    ap.add_argument("--steps", type=int, default=None, help="learner steps (default: the base config's)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--benchmarks-md", default=None, help="rewrite the quality section of this file")
+    ap.add_argument("overrides", nargs="*", help="a.b=c overrides of configs/bench-quality.yaml")
+    args = ap.parse_args(argv)
+    unknown = [m for m in args.methods or [] if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    methods = {m: METHODS[m] for m in (args.methods or METHODS)}
+    extra = list(args.overrides) + ([f"learner.steps={args.steps}"] if args.steps else [])
+    started = time.time()
+    records = []
+    for task in args.tasks:
+        for seed in args.seeds:
+            records += run_task_seed(task, seed, methods, extra)
+            log(f"{len(records)} runs done, {time.time() - started:.0f} s")
+    result = {"commit": git_commit(), "command": " ".join(["python -m bench.quality", *(sys.argv[1:] if argv is None else argv)]),
+              "base_config": BASE_CONFIG.read_text(), "overrides": extra,
+              "wall_seconds": round(time.time() - started, 1), "runs": records}
+    write_outputs(result, Path(args.out), args.benchmarks_md and Path(args.benchmarks_md))
+    log(f"done in {result['wall_seconds'] / 60:.1f} min; results in {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Tables, the beta ablation, curves and the BENCHMARKS.md section from the quality runs.
+
+Input: the run records of ``bench.quality`` (one per task, seed and method). Scores are
+aggregated over seeds as mean ± sample standard deviation; "best" is the highest mean among
+the student methods, and a difference is called real only when it exceeds both spreads.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
+AMM_PREFIX = "AMM (beta="
+
+
+def stats(values: Iterable[float]) -> tuple[float, float, int]:
+    """(mean, sample std, n); std is 0 for a single value."""
+    v = np.asarray(list(values), dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def _fmt(mean: float, std: float, bold: bool = False) -> str:
+    text = f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return f"**{text}**" if bold else text
+
+
+def by_method(runs: list[dict], task: str, key: str = "test") -> dict[str, tuple[float, float, int]]:
+    """method -> (mean, std, n) of ``key`` over seeds, for one task."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        if r["task"] == task:
+            values[r["method"]].append(r[key])
+    return {m: stats(v) for m, v in values.items()}
+
+
+def amm_beta(method: str) -> float | None:
+    m = re.fullmatch(r"AMM \(beta=([0-9.]+)\)", method)
+    return float(m.group(1)) if m else None
+
+
+def best_amm(runs: list[dict], task: str) -> str | None:
+    """The AMM grid entry with the best mean validation score (ties: the smaller beta)."""
+    val = {m: s for m, s in by_method(runs, task, "val").items() if amm_beta(m) is not None}
+    return max(sorted(val, key=amm_beta), key=lambda m: val[m][0]) if val else None
+
+
+def task_rows(runs: list[dict], task: str) -> list[tuple[str, str, tuple[float, float, int]]]:
+    """(label, trains on, stats) in table order: the baselines, AMM at 0/0.5/1, AMM's best."""
+    test = by_method(runs, task)
+    trains_on = {r["method"]: r["rows"] for r in runs if r["task"] == task}
+    rows = [(m, trains_on[m], test[m]) for m in test
+            if amm_beta(m) is None or amm_beta(m) in (0.0, 0.5, 1.0)]
+    best = best_amm(runs, task)
+    if best is not None:
+        rows.append((f"AMM, best beta on validation ({amm_beta(best):g})", trains_on[best], test[best]))
+    return rows
+
+
+def task_table(runs: list[dict], task: str) -> str:
+    mine = [r for r in runs if r["task"] == task]
+    metric, n = mine[0]["metric"], len({r["seed"] for r in mine})
+    rows = task_rows(runs, task)
+    top = max(s[0] for _, _, s in rows)
+    teacher, before = stats(r["teacher"] for r in mine), stats(r["student_before"] for r in mine)
+    lines = [f"| Method | Trains on | {metric} ×100, test (mean ± std, {n} seeds) |", "|---|---|---|",
+             f"| Teacher | – | {_fmt(*teacher[:2])} |",
+             f"| Student before distillation | – | {_fmt(*before[:2])} |"]
+    lines += [f"| {label} | {on} | {_fmt(s[0], s[1], bold=s[0] == top)} |" for label, on, s in rows]
+    return "\n".join(lines)
+
+
+def ablation_table(runs: list[dict], tasks: list[str]) -> str:
+    """Test score of AMM per beta (rows) and task (columns), validation score alongside."""
+    head = "| beta | " + " | ".join(f"{t} test | {t} val" for t in tasks) + " |"
+    lines = [head, "|---" * (1 + 2 * len(tasks)) + "|"]
+    betas = sorted({amm_beta(r["method"]) for r in runs if amm_beta(r["method"]) is not None})
+    for beta in betas:
+        cells = []
+        for t in tasks:
+            test, val = by_method(runs, t), by_method(runs, t, "val")
+            method = f"{AMM_PREFIX}{beta:g})"
+            amm_test = {m: s for m, s in test.items() if amm_beta(m) is not None}
+            top = max(s[0] for s in amm_test.values())
+            cells += [_fmt(*test[method][:2], bold=test[method][0] == top), _fmt(*val[method][:2])]
+        lines.append(f"| {beta:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(runs: list[dict], task: str) -> str:
+    """One honest sentence: AMM's best against the best other method, with the spreads."""
+    test = by_method(runs, task)
+    best = best_amm(runs, task)
+    others = {m: s for m, s in test.items() if amm_beta(m) is None}
+    if best is None or not others:
+        return f"{task}: nothing to compare."
+    rival = max(others, key=lambda m: others[m][0])
+    (a, sa, _), (b, sb, _) = test[best], others[rival]
+    gap = a - b
+    if abs(gap) <= max(sa, sb):
+        word = "ties with"
+    else:
+        word = "beats" if gap > 0 else "loses to"
+    return (f"{task}: AMM (beta {amm_beta(best):g}, picked on validation) {word} the best other "
+            f"method, {rival}: {100 * a:.1f} ± {100 * sa:.1f} vs {100 * b:.1f} ± {100 * sb:.1f} "
+            f"(difference {100 * gap:+.1f}; within the larger spread counts as a tie).")
+
+
+def plot_curves(runs: list[dict], tasks: list[str], path: Path) -> None:
+    """D_on, D_off and the adversary loss over learner steps, per task and AMM beta (seed mean)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("d_on", "on-policy distance D_on"), ("d_off", "off-policy distance D_off"),
+            ("adversary_loss", "adversary loss")]
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(13, 3.2 * len(tasks)), squeeze=False)
+    for i, task in enumerate(tasks):
+        per_beta: dict[float, list[list[dict]]] = defaultdict(list)
+        for r in runs:
+            if r["task"] == task and amm_beta(r["method"]) is not None:
+                per_beta[amm_beta(r["method"])].append(r["curves"])
+        for j, (key, title) in enumerate(keys):
+            ax = axes[i][j]
+            for beta, curves in sorted(per_beta.items()):
+                # D_off is not measured without off-policy rows (beta 0), D_on without on-policy (1).
+                if (key == "d_off" and beta == 0) or (key == "d_on" and beta == 1):
+                    continue
+                steps = min(len(c) for c in curves)
+                if steps == 0 or key not in curves[0][0]:
+                    continue
+                y = np.mean([[h[key] for h in c[:steps]] for c in curves], axis=0)
+                ax.plot([h["step"] for h in curves[0][:steps]], y, label=f"beta {beta:g}")
+            ax.set_title(f"{task}: {title}", fontsize=9)
+            ax.set_xlabel("learner step", fontsize=8)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def markdown(result: dict, curves_name: str) -> str:
+    runs = result["runs"]
+    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    seeds = sorted({r["seed"] for r in runs})
+    steps = sorted({r["steps"] for r in runs})
+    parts = [f"Produced by `{result['command']}` at commit `{result['commit']}` in "
+             f"{result['wall_seconds'] / 60:.1f} min on this machine; {len(runs)} runs, tasks "
+             f"{', '.join(tasks)}, seeds {seeds}, {', '.join(map(str, steps))} learner steps per run "
+             f"(overrides: {' '.join(result['overrides']) or 'none'}). Scores are ×100 on the held-out "
+             f"test split; bold is the best mean among the distilled students."]
+    for task in tasks:
+        parts += [f"#### {task}", task_table(runs, task)]
+    parts += ["#### AMM's beta (0 = on-policy only, 1 = off-policy only)", ablation_table(runs, tasks),
+              f"![D_on, D_off and adversary loss over steps]({curves_name})",
+              "#### Where AMM wins and where it does not (generated)",
+              "\n".join(f"- {verdict(runs, t)}" for t in tasks)]
+    return "\n\n".join(parts)
+
+
+def write_outputs(result: dict, out_dir: Path, benchmarks_md: Path | None = None) -> str:
+    """Write quality.json, quality_curves.png and quality.md under ``out_dir``; update BENCHMARKS.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "quality.json").write_text(json.dumps(result, indent=1))
+    tasks = list(dict.fromkeys(r["task"] for r in result["runs"]))
+    plot_curves(result["runs"], tasks, out_dir / "quality_curves.png")
+    rel = "quality_curves.png"
+    if benchmarks_md is not None:
+        rel = str((out_dir / "quality_curves.png").resolve().relative_to(benchmarks_md.resolve().parent))
+    text = markdown(result, rel)
+    (out_dir / "quality.md").write_text(text + "\n")
+    if benchmarks_md is not None:
+        doc = benchmarks_md.read_text()
+        if BEGIN not in doc:
+            raise ValueError(f"{benchmarks_md} has no '{BEGIN}' ... '{END}' markers for the quality section")
+        head, rest = doc.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        benchmarks_md.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    return text

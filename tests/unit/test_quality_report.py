@@ -1,0 +1,68 @@
+"""The quality benchmark's aggregation: statistics, bolding, beta selection and the verdict."""
+import numpy as np
+import pytest
+
+from bench import quality_report as qr
+
+
+def run(task, seed, method, test, val, rows="mixed"):
+    return {"task": task, "seed": seed, "method": method, "rows": rows, "metric": "rouge_l",
+            "test": test, "val": val, "teacher": 0.9, "student_before": 0.5, "steps": 10,
+            "curves": [{"step": s, "loss": 1.0 / s, "d_on": 0.5 / s, "d_off": 0.4 / s,
+                        "adversary_loss": -0.3} for s in range(1, 11)]}
+
+
+@pytest.fixture
+def runs():
+    out = []
+    for seed, noise in enumerate((-0.01, 0.0, 0.01)):
+        out += [run("a", seed, "FKL", 0.60 + noise, 0.6),
+                run("a", seed, "SFT", 0.55 + noise, 0.5, rows="dataset"),
+                # beta 0.5 has the best TEST mean, beta 1 the best VALIDATION mean
+                run("a", seed, "AMM (beta=0)", 0.58 + noise, 0.58, rows="student"),
+                run("a", seed, "AMM (beta=0.5)", 0.70 + noise, 0.60),
+                run("a", seed, "AMM (beta=1)", 0.65 + 3 * noise, 0.70, rows="teacher")]
+    return out
+
+
+def test_stats_match_numpy():
+    v = [0.1, 0.4, 0.25]
+    mean, std, n = qr.stats(v)
+    assert (mean, n) == (pytest.approx(np.mean(v)), 3) and std == pytest.approx(np.std(v, ddof=1))
+    assert qr.stats([0.3])[1] == 0.0
+
+
+def test_best_beta_is_picked_on_validation_not_test(runs):
+    assert qr.best_amm(runs, "a") == "AMM (beta=1)"
+    labels = [label for label, _, _ in qr.task_rows(runs, "a")]
+    assert labels[-1] == "AMM, best beta on validation (1)"
+
+
+def test_table_bolds_only_the_best_mean(runs):
+    table = qr.task_table(runs, "a")
+    bold = [line for line in table.splitlines() if "**" in line]
+    assert len(bold) == 1 and bold[0].startswith("| AMM (beta=0.5)")
+    assert "| Teacher | – | 90.0 ± 0.0 |" in table
+
+
+def test_verdict_compares_against_the_spread(runs):
+    # best-on-validation AMM (beta 1): 0.65 ± 0.03 vs FKL 0.60 ± 0.01 -> a real win
+    assert "beats the best other method, FKL" in qr.verdict(runs, "a")
+    close = [dict(r, test=r["test"] - 0.04) if r["method"] == "AMM (beta=1)" else r for r in runs]
+    assert "ties with" in qr.verdict(close, "a")
+    worse = [dict(r, test=r["test"] - 0.2) if r["method"] == "AMM (beta=1)" else r for r in runs]
+    assert "loses to" in qr.verdict(worse, "a")
+
+
+def test_outputs_and_benchmarks_section(runs, tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(f"# B\n\nbefore\n\n{qr.BEGIN}\nOLD SECTION\n{qr.END}\n\nafter\n")
+    result = {"commit": "abc", "command": "python -m bench.quality", "wall_seconds": 60.0,
+              "overrides": [], "runs": runs}
+    qr.write_outputs(result, tmp_path / "out", md)
+    doc = md.read_text()
+    assert "OLD SECTION" not in doc and doc.startswith("# B\n\nbefore") and doc.rstrip().endswith("after")
+    assert "(out/quality_curves.png)" in doc and "#### a" in doc and "| 0.5 |" in doc
+    assert (tmp_path / "out" / "quality_curves.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="markers"):
+        qr.write_outputs(result, tmp_path / "out", tmp_path / "out" / "quality.md")
