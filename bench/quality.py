@@ -13,12 +13,14 @@ and which rows it trains on, given per method in ``METHODS``.
     python -m bench.quality                      # the full benchmark (make bench-quality)
     python -m bench.quality --tasks sort --seeds 0 --steps 4 --out /tmp/q   # the smoke variant
 
-Results: ``<out>/quality.json`` (every run), ``<out>/quality_curves.png`` and, with
+Results: ``<out>/quality.json`` (every run; ``quality.runs.jsonl`` fills as runs finish),
+``<out>/quality_curves.png`` and, with
 ``--benchmarks-md``, the section of BENCHMARKS.md between the quality markers.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -76,8 +78,13 @@ def task_config(task: str, seed: int, extra: list[str]) -> tuple[Any, Any]:
     return load_config(BASE_CONFIG, fixed + extra), world
 
 
-def run_task_seed(task: str, seed: int, methods: dict, extra: list[str]) -> list[dict]:
-    """Every method on one task and seed, sharing one pair of rollout actors."""
+def run_task_seed(task: str, seed: int, methods: dict, extra: list[str], journal: Path) -> list[dict]:
+    """Every method on one task and seed, sharing one pair of rollout actors.
+
+    Each finished run is appended to ``journal`` (JSON lines) at once, so a crash later in a
+    long sweep keeps what was measured. A run whose loss stays non-finite is recorded with its
+    error and the sweep goes on; any other failure stops it.
+    """
     import ray
 
     from cluster.actors import start_rollouts, stop_rollouts
@@ -99,7 +106,13 @@ def run_task_seed(task: str, seed: int, methods: dict, extra: list[str]) -> list
             t0 = time.time()
             slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
             cfg = build_config(base.model_dump(), overrides + [f"name=quality-{task}-s{seed}-{slug}"])
-            report = run_job(cfg, rollouts)
+            try:
+                report = run_job(cfg, rollouts)
+            except FloatingPointError as err:
+                log(f"{task} seed {seed} {label}: FAILED ({err})")
+                records.append({"task": task, "seed": seed, "method": label, "error": str(err)})
+                _append(journal, records[-1])
+                continue
             val_score = greedy_score(rollouts.students[0], val, pair.tokenizer, cfg.eval.metric)["score"]
             records.append({
                 "task": task, "seed": seed, "method": label, "rows": rows, "metric": cfg.eval.metric,
@@ -110,12 +123,18 @@ def run_task_seed(task: str, seed: int, methods: dict, extra: list[str]) -> list
                 "curves": [{k: h[k] for k in ("step", "loss", "d_on", "d_off", "adversary_loss") if k in h}
                            for h in report["history"]],
             })
+            _append(journal, records[-1])
             log(f"{task} seed {seed} {label}: test {cfg.eval.metric} {records[-1]['test']:.3f}, "
                 f"val {val_score:.3f} ({records[-1]['seconds']:.0f} s)")
     finally:
         stop_rollouts(rollouts)
         ray.shutdown()
     return records
+
+
+def _append(journal: Path, record: dict) -> None:
+    with journal.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def git_commit() -> str:
@@ -142,16 +161,20 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     methods = {m: METHODS[m] for m in (args.methods or METHODS)}
     extra = list(args.overrides) + ([f"learner.steps={args.steps}"] if args.steps else [])
-    started = time.time()
+    started, commit = time.time(), git_commit()  # the code that runs, not what is edited meanwhile
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = out / "quality.runs.jsonl"
+    journal.unlink(missing_ok=True)
     records = []
     for task in args.tasks:
         for seed in args.seeds:
-            records += run_task_seed(task, seed, methods, extra)
+            records += run_task_seed(task, seed, methods, extra, journal)
             log(f"{len(records)} runs done, {time.time() - started:.0f} s")
-    result = {"commit": git_commit(), "command": " ".join(["python -m bench.quality", *(sys.argv[1:] if argv is None else argv)]),
+    result = {"commit": commit, "command": " ".join(["python -m bench.quality", *(sys.argv[1:] if argv is None else argv)]),
               "base_config": BASE_CONFIG.read_text(), "overrides": extra,
               "wall_seconds": round(time.time() - started, 1), "runs": records}
-    write_outputs(result, Path(args.out), args.benchmarks_md and Path(args.benchmarks_md))
+    write_outputs(result, out, args.benchmarks_md and Path(args.benchmarks_md))
     log(f"done in {result['wall_seconds'] / 60:.1f} min; results in {args.out}")
     return result
 

@@ -144,7 +144,8 @@ def plot_curves(runs: list[dict], tasks: list[str], path: Path) -> None:
 
 
 def markdown(result: dict, curves_name: str) -> str:
-    runs = result["runs"]
+    runs = [r for r in result["runs"] if "error" not in r]
+    failed = [r for r in result["runs"] if "error" in r]
     tasks = list(dict.fromkeys(r["task"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
     steps = sorted({r["steps"] for r in runs})
@@ -159,6 +160,9 @@ def markdown(result: dict, curves_name: str) -> str:
               f"![D_on, D_off and adversary loss over steps]({curves_name})",
               "#### Where AMM wins and where it does not (generated)",
               "\n".join(f"- {verdict(runs, t)}" for t in tasks)]
+    if failed:
+        parts += ["#### Failed runs (left out of the tables)",
+                  "\n".join(f"- {r['task']} seed {r['seed']} {r['method']}: {r['error']}" for r in failed)]
     return "\n\n".join(parts)
 
 
@@ -166,8 +170,9 @@ def write_outputs(result: dict, out_dir: Path, benchmarks_md: Path | None = None
     """Write quality.json, quality_curves.png and quality.md under ``out_dir``; update BENCHMARKS.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps(result, indent=1))
-    tasks = list(dict.fromkeys(r["task"] for r in result["runs"]))
-    plot_curves(result["runs"], tasks, out_dir / "quality_curves.png")
+    runs = [r for r in result["runs"] if "error" not in r]
+    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    plot_curves(runs, tasks, out_dir / "quality_curves.png")
     rel = "quality_curves.png"
     if benchmarks_md is not None:
         rel = str((out_dir / "quality_curves.png").resolve().relative_to(benchmarks_md.resolve().parent))

@@ -57,12 +57,14 @@ def test_verdict_compares_against_the_spread(runs):
 def test_outputs_and_benchmarks_section(runs, tmp_path):
     md = tmp_path / "BENCHMARKS.md"
     md.write_text(f"# B\n\nbefore\n\n{qr.BEGIN}\nOLD SECTION\n{qr.END}\n\nafter\n")
+    failed = {"task": "a", "seed": 3, "method": "RKL", "error": "loss was NaN/inf"}
     result = {"commit": "abc", "command": "python -m bench.quality", "wall_seconds": 60.0,
-              "overrides": [], "runs": runs}
+              "overrides": [], "runs": runs + [failed]}
     qr.write_outputs(result, tmp_path / "out", md)
     doc = md.read_text()
     assert "OLD SECTION" not in doc and doc.startswith("# B\n\nbefore") and doc.rstrip().endswith("after")
     assert "(out/quality_curves.png)" in doc and "#### a" in doc and "| 0.5 |" in doc
     assert (tmp_path / "out" / "quality_curves.png").stat().st_size > 10_000
+    assert "| RKL |" not in doc and "a seed 3 RKL: loss was NaN/inf" in doc
     with pytest.raises(ValueError, match="markers"):
         qr.write_outputs(result, tmp_path / "out", tmp_path / "out" / "quality.md")
