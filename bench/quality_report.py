@@ -186,3 +186,33 @@ def write_outputs(result: dict, out_dir: Path, benchmarks_md: Path | None = None
         tail = rest.split(END, 1)[1]
         benchmarks_md.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
     return text
+
+
+def reproduction_table(first: dict, second: dict) -> str:
+    """Per task and method: both runs' test mean ± std and whether the means agree within spread.
+
+    "Within" means |mean1 - mean2| <= std1 + std2 (each std is over the seeds of its run).
+    """
+    lines = ["| task | method | first run | re-run | difference | within spread |", "|---|---|---|---|---|---|"]
+    ok = total = 0
+    a_runs = [r for r in first["runs"] if "error" not in r]
+    b_runs = [r for r in second["runs"] if "error" not in r]
+    for task in dict.fromkeys(r["task"] for r in b_runs):
+        a, b = by_method(a_runs, task), by_method(b_runs, task)
+        for method in (m for m in b if m in a):
+            gap = b[method][0] - a[method][0]
+            inside = abs(gap) <= a[method][1] + b[method][1]
+            ok, total = ok + inside, total + 1
+            lines.append(f"| {task} | {method} | {_fmt(*a[method][:2])} | {_fmt(*b[method][:2])} | "
+                         f"{100 * gap:+.1f} | {'yes' if inside else '**no**'} |")
+    return "\n".join(lines) + f"\n\n{ok} of {total} method means agree within the summed spread."
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Compare two quality.json files (a re-run against the first)")
+    ap.add_argument("first")
+    ap.add_argument("second")
+    args = ap.parse_args()
+    print(reproduction_table(json.loads(Path(args.first).read_text()), json.loads(Path(args.second).read_text())))

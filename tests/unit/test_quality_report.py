@@ -68,3 +68,13 @@ def test_outputs_and_benchmarks_section(runs, tmp_path):
     assert "| RKL |" not in doc and "a seed 3 RKL: loss was NaN/inf" in doc
     with pytest.raises(ValueError, match="markers"):
         qr.write_outputs(result, tmp_path / "out", tmp_path / "out" / "quality.md")
+
+
+def test_reproduction_table_flags_means_outside_the_spread(runs):
+    moved = [dict(r, test=r["test"] + (0.01 if r["method"] == "FKL" else 0.2 if r["method"] == "SFT" else 0))
+             for r in runs]
+    table = qr.reproduction_table({"runs": runs}, {"runs": moved})
+    fkl = next(line for line in table.splitlines() if "| FKL |" in line)
+    sft = next(line for line in table.splitlines() if "| SFT |" in line)
+    assert fkl.endswith("| yes |") and sft.endswith("| **no** |")
+    assert "4 of 5 method means agree" in table
