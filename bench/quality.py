@@ -12,6 +12,7 @@ and which rows it trains on, given per method in ``METHODS``.
 
     python -m bench.quality                      # the full benchmark (make bench-quality)
     python -m bench.quality --tasks sort --seeds 0 --steps 4 --out /tmp/q   # the smoke variant
+    python -m bench.quality --config my-job.yaml --val my-val.jsonl --out my-results   # your data
 
 Results: ``<out>/quality.json`` (every run; ``quality.runs.jsonl`` fills as runs finish),
 ``<out>/quality_curves.png`` and, with
@@ -24,6 +25,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,20 +68,38 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def task_config(task: str, seed: int, extra: list[str]) -> tuple[Any, Any]:
-    """The base job for ``task`` and ``seed`` (toy world of seed 0) and its toy world."""
+@dataclass
+class Setting:
+    """What one sweep of methods runs on: a base job (models, data, metric, seed) and the
+    validation file that picks AMM's beta."""
+
+    task: str
+    base: Any  # cluster.config.JobConfig
+    val_path: str
+
+
+def toy_setting(task: str, seed: int, config: Path, extra: list[str]) -> Setting:
+    """The toy world of ``task`` (always built with seed 0: the seed varies the distillation)."""
     from cluster.config import load_config
     from tasks.build import build_toy_world
 
     world = build_toy_world(ROOT / "artifacts" / "toy", task=task, seed=0, log=log)
     fixed = [f"models.teacher={world.teacher_dir}", f"models.student={world.student_dir}",
              f"data.train={world.train_path}", f"data.eval={world.test_path}",
-             f"eval.metric={world.metric}", f"seed={seed}", f"models.toy_task={task}"]
-    return load_config(BASE_CONFIG, fixed + extra), world
+             f"eval.metric={world.metric}", f"models.toy_task={task}"]
+    return Setting(task, load_config(config, fixed + extra + [f"seed={seed}"]), str(world.eval_path))
 
 
-def run_task_seed(task: str, seed: int, methods: dict, extra: list[str], journal: Path) -> list[dict]:
-    """Every method on one task and seed, sharing one pair of rollout actors.
+def own_setting(seed: int, config: Path, extra: list[str], val_path: str) -> Setting:
+    """The models and data a user's config names, with their own validation file."""
+    from cluster.config import load_config
+
+    base = load_config(config, extra + [f"seed={seed}"])
+    return Setting(base.name, base, val_path)
+
+
+def run_sweep(setting: Setting, methods: dict, journal: Path) -> list[dict]:
+    """Every method on one setting (task and seed), sharing one pair of rollout actors.
 
     Each finished run is appended to ``journal`` (JSON lines) at once, so a crash later in a
     long sweep keeps what was measured. A run whose loss stays non-finite is recorded with its
@@ -94,10 +114,11 @@ def run_task_seed(task: str, seed: int, methods: dict, extra: list[str], journal
     from cluster.evaluate import greedy_score
     from cluster.models import check_models
 
-    base, world = task_config(task, seed, extra)
+    base, task, seed = setting.base, setting.task, setting.base.seed
     pair = check_models(base.models.teacher, base.models.student,
                         base.data.max_prompt_tokens, base.data.max_response_tokens)
-    val = load_prompts(str(world.eval_path), pair.tokenizer, base.data.max_prompt_tokens)
+    val = load_prompts(setting.val_path, pair.tokenizer, base.data.max_prompt_tokens,
+                       limit=base.data.eval_size)
     init_ray(base)
     rollouts = start_rollouts(base, pair)
     records = []
@@ -148,7 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
     from bench.quality_report import write_outputs
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS))
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), help="toy tasks (ignored with --val)")
+    ap.add_argument("--config", default=str(BASE_CONFIG), help="the base job (default: the toy benchmark's)")
+    ap.add_argument("--val", default=None, help="validation file: run on the models and data that "
+                                                "--config names instead of the toy tasks")
     ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     ap.add_argument("--methods", nargs="+", default=None, help="labels from METHODS (default: all)")
     ap.add_argument("--steps", type=int, default=None, help="learner steps (default: the base config's)")
@@ -160,6 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     methods = {m: METHODS[m] for m in (args.methods or METHODS)}
+    from cluster.config import load_config
+    if load_config(args.config).models.teacher is not None and not args.val:
+        ap.error(f"{args.config} names its own models: give --val FILE, the validation prompts "
+                 f"with references that pick AMM's beta")
     extra = list(args.overrides) + ([f"learner.steps={args.steps}"] if args.steps else [])
     started, commit = time.time(), git_commit()  # the code that runs, not what is edited meanwhile
     out = Path(args.out)
@@ -167,12 +195,14 @@ def main(argv: list[str] | None = None) -> dict:
     journal = out / "quality.runs.jsonl"
     journal.unlink(missing_ok=True)
     records = []
-    for task in args.tasks:
+    for task in ([None] if args.val else args.tasks):
         for seed in args.seeds:
-            records += run_task_seed(task, seed, methods, extra, journal)
+            setting = (own_setting(seed, Path(args.config), extra, args.val) if args.val
+                       else toy_setting(task, seed, Path(args.config), extra))
+            records += run_sweep(setting, methods, journal)
             log(f"{len(records)} runs done, {time.time() - started:.0f} s")
     result = {"commit": commit, "command": " ".join(["python -m bench.quality", *(sys.argv[1:] if argv is None else argv)]),
-              "base_config": BASE_CONFIG.read_text(), "overrides": extra,
+              "base_config": Path(args.config).read_text(), "overrides": extra,
               "wall_seconds": round(time.time() - started, 1), "runs": records}
     write_outputs(result, out, args.benchmarks_md and Path(args.benchmarks_md))
     log(f"done in {result['wall_seconds'] / 60:.1f} min; results in {args.out}")

@@ -78,3 +78,14 @@ def test_reproduction_table_flags_means_outside_the_spread(runs):
     sft = next(line for line in table.splitlines() if "| SFT |" in line)
     assert fkl.endswith("| yes |") and sft.endswith("| **no** |")
     assert "4 of 5 method means agree" in table
+
+
+def test_own_setting_keeps_the_users_models_and_data(tmp_path):
+    from bench.quality import main, own_setting
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("name: mine\nmodels: {teacher: /m/t, student: /m/s}\ndata: {train: /d/train.jsonl}\n")
+    setting = own_setting(3, cfg, ["learner.steps=7"], "/d/val.jsonl")
+    assert (setting.task, setting.base.seed, setting.base.learner.steps) == ("mine", 3, 7)
+    assert (setting.base.models.teacher, setting.val_path) == ("/m/t", "/d/val.jsonl")
+    with pytest.raises(SystemExit):  # own models without a validation file: refused up front
+        main(["--config", str(cfg)])
