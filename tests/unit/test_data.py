@@ -5,14 +5,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.data import DataError, load_prompts
+from cluster.data import DataError, load_prompts, reference_rows
 
 
 class WordTokenizer:
     """Stands in for a HF tokenizer (one id per word) so these tests need no model files."""
 
-    def __call__(self, text):
-        return {"input_ids": [1] + [len(w) for w in text.split()]}
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [1] * add_special_tokens + [len(w) for w in text.split()]}
 
 
 def write_jsonl(path, rows):
@@ -45,3 +45,13 @@ def test_malformed_json_line_is_named(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
     with pytest.raises(DataError, match="line 2 is not valid JSON"):
         load_prompts(str(tmp_path / "d.jsonl"), WordTokenizer(), 8)
+
+
+def test_reference_rows_end_with_the_stop_token_and_refuse_missing_or_long_responses(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a bb", "response": "ccc d"}, {"prompt": "e"}])
+    prompts = load_prompts(str(tmp_path / "d.jsonl"), WordTokenizer(), 10)
+    assert reference_rows(prompts[:1], WordTokenizer(), 2, 3, "d.jsonl") == [(0, [1, 1, 2], [3, 1, 2])]
+    with pytest.raises(DataError, match=r"row 1 has a response of 3 tokens.*data.max_response_tokens=2"):
+        reference_rows(prompts[:1], WordTokenizer(), 2, 2, "d.jsonl")
+    with pytest.raises(DataError, match=r"row 2 has no 'response' string; rollout.off_policy=dataset"):
+        reference_rows(prompts, WordTokenizer(), 2, 3, "d.jsonl")
