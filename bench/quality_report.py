@@ -107,7 +107,7 @@ def verdict(runs: list[dict], task: str) -> str:
         word = "beats" if gap > 0 else "loses to"
     return (f"{task}: AMM (beta {amm_beta(best):g}, picked on validation) {word} the best other "
             f"method, {rival}: {100 * a:.1f} ± {100 * sa:.1f} vs {100 * b:.1f} ± {100 * sb:.1f} "
-            f"(difference {100 * gap:+.1f}; within the larger spread counts as a tie).")
+            f"(difference {100 * gap:+.1f} points; one within the larger spread would count as a tie).")
 
 
 def plot_curves(runs: list[dict], tasks: list[str], path: Path) -> None:
@@ -126,7 +126,7 @@ def plot_curves(runs: list[dict], tasks: list[str], path: Path) -> None:
                 per_beta[amm_beta(r["method"])].append(r["curves"])
         for j, (key, title) in enumerate(keys):
             ax = axes[i][j]
-            for beta, curves in sorted(per_beta.items()):
+            for n, (beta, curves) in enumerate(sorted(per_beta.items())):
                 # D_off is not measured without off-policy rows (beta 0), D_on without on-policy (1).
                 if (key == "d_off" and beta == 0) or (key == "d_on" and beta == 1):
                     continue
@@ -134,7 +134,8 @@ def plot_curves(runs: list[dict], tasks: list[str], path: Path) -> None:
                 if steps == 0 or key not in curves[0][0]:
                     continue
                 y = np.mean([[h[key] for h in c[:steps]] for c in curves], axis=0)
-                ax.plot([h["step"] for h in curves[0][:steps]], y, label=f"beta {beta:g}")
+                # One colour per beta in every panel, whichever betas a panel leaves out.
+                ax.plot([h["step"] for h in curves[0][:steps]], y, label=f"beta {beta:g}", color=f"C{n}")
             ax.set_title(f"{task}: {title}", fontsize=9)
             ax.set_xlabel("learner step", fontsize=8)
             ax.legend(fontsize=7)
@@ -208,11 +209,25 @@ def reproduction_table(first: dict, second: dict) -> str:
     return "\n".join(lines) + f"\n\n{ok} of {total} method means agree within the summed spread."
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Compare two quality.json files (a re-run against the first)")
-    ap.add_argument("first")
-    ap.add_argument("second")
-    args = ap.parse_args()
-    print(reproduction_table(json.loads(Path(args.first).read_text()), json.loads(Path(args.second).read_text())))
+    ap = argparse.ArgumentParser(description="Render or compare quality.json files of bench.quality")
+    sub = ap.add_subparsers(dest="command", required=True)
+    render = sub.add_parser("render", help="tables, curves and (optionally) the BENCHMARKS.md section")
+    render.add_argument("result")
+    render.add_argument("--benchmarks-md", default=None)
+    compare = sub.add_parser("compare", help="does a re-run reproduce each method's mean within the spread?")
+    compare.add_argument("first")
+    compare.add_argument("second")
+    args = ap.parse_args(argv)
+    if args.command == "render":
+        path = Path(args.result)
+        write_outputs(json.loads(path.read_text()), path.parent, args.benchmarks_md and Path(args.benchmarks_md))
+    else:
+        print(reproduction_table(json.loads(Path(args.first).read_text()),
+                                 json.loads(Path(args.second).read_text())))
+
+
+if __name__ == "__main__":
+    main()

@@ -89,3 +89,14 @@ def test_own_setting_keeps_the_users_models_and_data(tmp_path):
     assert (setting.base.models.teacher, setting.val_path) == ("/m/t", "/d/val.jsonl")
     with pytest.raises(SystemExit):  # own models without a validation file: refused up front
         main(["--config", str(cfg)])
+
+
+def test_cli_renders_and_compares_saved_results(runs, tmp_path, capsys):
+    import json
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps({"commit": "abc", "command": "c", "wall_seconds": 1.0, "overrides": [],
+                                "runs": runs}))
+    qr.main(["render", str(path)])
+    assert "#### a" in (tmp_path / "quality.md").read_text()
+    qr.main(["compare", str(path), str(path)])
+    assert "5 of 5 method means agree" in capsys.readouterr().out
