@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -165,24 +166,43 @@ def git_commit() -> str:
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from bench.quality_report import write_outputs
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.-]*=")  # a.b=c; a method label like "AMM (beta=1)" is not one
 
+
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """The command line; ``a.b=c`` overrides may also follow ``--tasks/--seeds/--methods``
+    (argparse would otherwise read them as one more task, seed or method)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), help="toy tasks (ignored with --val)")
     ap.add_argument("--config", default=str(BASE_CONFIG), help="the base job (default: the toy benchmark's)")
     ap.add_argument("--val", default=None, help="validation file: run on the models and data that "
                                                 "--config names instead of the toy tasks")
-    ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    ap.add_argument("--seeds", nargs="+", default=[str(s) for s in SEEDS])
     ap.add_argument("--methods", nargs="+", default=None, help="labels from METHODS (default: all)")
     ap.add_argument("--steps", type=int, default=None, help="learner steps (default: the base config's)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--benchmarks-md", default=None, help="rewrite the quality section of this file")
     ap.add_argument("overrides", nargs="*", help="a.b=c overrides of configs/bench-quality.yaml")
     args = ap.parse_args(argv)
+    for name in ("tasks", "seeds", "methods"):
+        values = getattr(args, name)
+        if values is not None:
+            args.overrides += [v for v in values if OVERRIDE.match(v)]
+            setattr(args, name, [v for v in values if not OVERRIDE.match(v)])
+    bad_seeds = [s for s in args.seeds if not s.lstrip("-").isdigit()]
+    if bad_seeds or not args.seeds:
+        ap.error(f"--seeds takes integers, got {bad_seeds or 'none'}")
+    args.seeds = [int(s) for s in args.seeds]
     unknown = [m for m in args.methods or [] if m not in METHODS]
-    if unknown:
+    if unknown or args.methods == []:
         ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    return args, ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from bench.quality_report import write_outputs
+
+    args, ap = _parse_args(argv)
     methods = {m: METHODS[m] for m in (args.methods or METHODS)}
     from cluster.config import load_config
     if load_config(args.config).models.teacher is not None and not args.val:
