@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
                        else toy_setting(task, seed, Path(args.config), extra))
             records += run_sweep(setting, methods, journal)
             log(f"{len(records)} runs done, {time.time() - started:.0f} s")
-    result = {"commit": commit, "command": " ".join(["python -m bench.quality", *(sys.argv[1:] if argv is None else argv)]),
+    command = shlex.join(["python", "-m", "bench.quality", *(sys.argv[1:] if argv is None else argv)])
+    result = {"commit": commit, "command": command,
               "base_config": Path(args.config).read_text(), "overrides": extra,
               "wall_seconds": round(time.time() - started, 1), "runs": records}
     write_outputs(result, out, args.benchmarks_md and Path(args.benchmarks_md))

@@ -6,6 +6,7 @@ from the same initial student, and land in the tables and curves.
 """
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,14 @@ STEPS = 3
 
 
 def test_every_method_runs_through_the_job(toy_world, tmp_path):
-    cmd = [sys.executable, "-m", "bench.quality", "--tasks", "sort", "--seeds", "0",
-           "--steps", str(STEPS), "--out", str(tmp_path), "data.eval_size=60"]
+    # Every label spelled out (they hold spaces and "="), then an override after them.
+    args = ["--tasks", "sort", "--seeds", "0", "--steps", str(STEPS), "--out", str(tmp_path),
+            "--methods", *METHODS, "data.eval_size=60"]
+    cmd = [sys.executable, "-m", "bench.quality", *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = json.loads((tmp_path / "quality.json").read_text())
+    assert shlex.split(result["command"])[3:] == args  # the recorded command re-runs as given
     runs = {r["method"]: r for r in result["runs"]}
     assert set(runs) == set(METHODS) and len(result["runs"]) == len(METHODS)
     for method, r in runs.items():
