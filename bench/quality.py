@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.quality_report import amm_label, write_outputs
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "bench-quality.yaml"
 TASKS = ("summarize", "translate", "arith")
@@ -59,7 +61,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "SKL (0.1)": ("mixed", ["loss.name=skew_forward_kl", "loss.params.alpha=0.1", *_MIXED]),
     "SRKL (0.1)": ("mixed", ["loss.name=skew_reverse_kl", "loss.params.alpha=0.1", *_MIXED]),
     "GKD (on-policy JSD 0.5)": ("student", ["loss.name=generalized_jsd", "loss.params.beta=0.5", *_ON]),
-    **{f"AMM (beta={b:g})": ("student" if b == 0 else "teacher" if b == 1 else "mixed", _amm(b))
+    **{amm_label(b): ("student" if b == 0 else "teacher" if b == 1 else "mixed", _amm(b))
        for b in AMM_GRID},
 }
 ROWS_SOURCES = {"dataset": {"dataset"}, "mixed": {"student", "teacher"}, "student": {"student"},
@@ -110,13 +112,11 @@ def run_sweep(setting: Setting, methods: dict, journal: Path) -> list[dict]:
     import ray
 
     from cluster.actors import start_rollouts, stop_rollouts
-    from cluster.config import build_config
     from cluster.data import load_prompts
-    from cluster.driver import init_ray, run_job
-    from cluster.evaluate import greedy_score
+    from cluster.driver import init_ray
     from cluster.models import check_models
 
-    base, task, seed = setting.base, setting.task, setting.base.seed
+    base = setting.base
     pair = check_models(base.models.teacher, base.models.student,
                         base.data.max_prompt_tokens, base.data.max_response_tokens)
     val = load_prompts(setting.val_path, pair.tokenizer, base.data.max_prompt_tokens,
@@ -126,33 +126,41 @@ def run_sweep(setting: Setting, methods: dict, journal: Path) -> list[dict]:
     records = []
     try:
         for label, (rows, overrides) in methods.items():
-            t0 = time.time()
-            slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
-            cfg = build_config(base.model_dump(), overrides + [f"name=quality-{task}-s{seed}-{slug}"])
-            try:
-                report = run_job(cfg, rollouts)
-            except FloatingPointError as err:
-                log(f"{task} seed {seed} {label}: FAILED ({err})")
-                records.append({"task": task, "seed": seed, "method": label, "error": str(err)})
-                _append(journal, records[-1])
-                continue
-            val_score = greedy_score(rollouts.students[0], val, pair.tokenizer, cfg.eval.metric)["score"]
-            records.append({
-                "task": task, "seed": seed, "method": label, "rows": rows, "metric": cfg.eval.metric,
-                "test": report["student_score_after"], "val": val_score,
-                "teacher": report["teacher_score"], "student_before": report["student_score_before"],
-                "steps": report["steps"], "rows_by_source": report["rows_by_source"],
-                "seconds": round(time.time() - t0, 1),
-                "curves": [{k: h[k] for k in ("step", "loss", "d_on", "d_off", "adversary_loss") if k in h}
-                           for h in report["history"]],
-            })
+            records.append(_run_method(setting, label, rows, overrides, rollouts, pair, val))
             _append(journal, records[-1])
-            log(f"{task} seed {seed} {label}: test {cfg.eval.metric} {records[-1]['test']:.3f}, "
-                f"val {val_score:.3f} ({records[-1]['seconds']:.0f} s)")
     finally:
         stop_rollouts(rollouts)
         ray.shutdown()
     return records
+
+
+def _run_method(setting: Setting, label: str, rows: str, overrides: list[str], rollouts, pair, val) -> dict:
+    """One method's job on the shared rollouts, then its final student scored on ``val``."""
+    from cluster.config import build_config
+    from cluster.driver import run_job
+    from cluster.evaluate import greedy_score
+
+    task, seed, t0 = setting.task, setting.base.seed, time.time()
+    slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+    cfg = build_config(setting.base.model_dump(), overrides + [f"name=quality-{task}-s{seed}-{slug}"])
+    try:
+        report = run_job(cfg, rollouts)
+    except FloatingPointError as err:
+        log(f"{task} seed {seed} {label}: FAILED ({err})")
+        return {"task": task, "seed": seed, "method": label, "error": str(err)}
+    val_score = greedy_score(rollouts.students[0], val, pair.tokenizer, cfg.eval.metric)["score"]
+    record = {
+        "task": task, "seed": seed, "method": label, "rows": rows, "metric": cfg.eval.metric,
+        "test": report["student_score_after"], "val": val_score,
+        "teacher": report["teacher_score"], "student_before": report["student_score_before"],
+        "steps": report["steps"], "rows_by_source": report["rows_by_source"],
+        "seconds": round(time.time() - t0, 1),
+        "curves": [{k: h[k] for k in ("step", "loss", "d_on", "d_off", "adversary_loss") if k in h}
+                   for h in report["history"]],
+    }
+    log(f"{task} seed {seed} {label}: test {cfg.eval.metric} {record['test']:.3f}, "
+        f"val {val_score:.3f} ({record['seconds']:.0f} s)")
+    return record
 
 
 def _append(journal: Path, record: dict) -> None:
@@ -201,8 +209,6 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Ar
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bench.quality_report import write_outputs
-
     args, ap = _parse_args(argv)
     methods = {m: METHODS[m] for m in (args.methods or METHODS)}
     from cluster.config import load_config

@@ -15,7 +15,6 @@ from typing import Iterable
 import numpy as np
 
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
-AMM_PREFIX = "AMM (beta="
 
 
 def stats(values: Iterable[float]) -> tuple[float, float, int]:
@@ -38,9 +37,24 @@ def by_method(runs: list[dict], task: str, key: str = "test") -> dict[str, tuple
     return {m: stats(v) for m, v in values.items()}
 
 
+def amm_label(beta: float) -> str:
+    """The method label of AMM at ``beta`` (``amm_beta`` reads it back)."""
+    return f"AMM (beta={beta:g})"
+
+
 def amm_beta(method: str) -> float | None:
     m = re.fullmatch(r"AMM \(beta=([0-9.]+)\)", method)
     return float(m.group(1)) if m else None
+
+
+def completed(result: dict) -> list[dict]:
+    """The runs of a ``bench.quality`` result that finished (no ``error``)."""
+    return [r for r in result["runs"] if "error" not in r]
+
+
+def task_order(runs: list[dict]) -> list[str]:
+    """The tasks of ``runs`` in the order they first appear."""
+    return list(dict.fromkeys(r["task"] for r in runs))
 
 
 def best_amm(runs: list[dict], task: str) -> str | None:
@@ -79,14 +93,15 @@ def ablation_table(runs: list[dict], tasks: list[str]) -> str:
     head = "| beta | " + " | ".join(f"{t} test | {t} val" for t in tasks) + " |"
     lines = [head, "|---" * (1 + 2 * len(tasks)) + "|"]
     betas = sorted({amm_beta(r["method"]) for r in runs if amm_beta(r["method"]) is not None})
+    test = {t: by_method(runs, t) for t in tasks}
+    val = {t: by_method(runs, t, "val") for t in tasks}
+    top = {t: max(s[0] for m, s in test[t].items() if amm_beta(m) is not None) for t in tasks}
     for beta in betas:
+        method = amm_label(beta)
         cells = []
         for t in tasks:
-            test, val = by_method(runs, t), by_method(runs, t, "val")
-            method = f"{AMM_PREFIX}{beta:g})"
-            amm_test = {m: s for m, s in test.items() if amm_beta(m) is not None}
-            top = max(s[0] for s in amm_test.values())
-            cells += [_fmt(*test[method][:2], bold=test[method][0] == top), _fmt(*val[method][:2])]
+            s = test[t][method]
+            cells += [_fmt(*s[:2], bold=s[0] == top[t]), _fmt(*val[t][method][:2])]
         lines.append(f"| {beta:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -145,9 +160,9 @@ def plot_curves(runs: list[dict], tasks: list[str], path: Path) -> None:
 
 
 def markdown(result: dict, curves_name: str) -> str:
-    runs = [r for r in result["runs"] if "error" not in r]
+    runs = completed(result)
     failed = [r for r in result["runs"] if "error" in r]
-    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    tasks = task_order(runs)
     seeds = sorted({r["seed"] for r in runs})
     steps = sorted({r["steps"] for r in runs})
     parts = [f"Produced by `{result['command']}` at commit `{result['commit']}` in "
@@ -171,9 +186,8 @@ def write_outputs(result: dict, out_dir: Path, benchmarks_md: Path | None = None
     """Write quality.json, quality_curves.png and quality.md under ``out_dir``; update BENCHMARKS.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps(result, indent=1))
-    runs = [r for r in result["runs"] if "error" not in r]
-    tasks = list(dict.fromkeys(r["task"] for r in runs))
-    plot_curves(runs, tasks, out_dir / "quality_curves.png")
+    runs = completed(result)
+    plot_curves(runs, task_order(runs), out_dir / "quality_curves.png")
     rel = "quality_curves.png"
     if benchmarks_md is not None:
         rel = str((out_dir / "quality_curves.png").resolve().relative_to(benchmarks_md.resolve().parent))
@@ -196,9 +210,8 @@ def reproduction_table(first: dict, second: dict) -> str:
     """
     lines = ["| task | method | first run | re-run | difference | within spread |", "|---|---|---|---|---|---|"]
     ok = total = 0
-    a_runs = [r for r in first["runs"] if "error" not in r]
-    b_runs = [r for r in second["runs"] if "error" not in r]
-    for task in dict.fromkeys(r["task"] for r in b_runs):
+    a_runs, b_runs = completed(first), completed(second)
+    for task in task_order(b_runs):
         a, b = by_method(a_runs, task), by_method(b_runs, task)
         for method in (m for m in b if m in a):
             gap = b[method][0] - a[method][0]

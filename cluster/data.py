@@ -1,7 +1,8 @@
 """Prompt data: reading JSONL, Parquet or a saved HF dataset directory, and tokenising it.
 
 Every row needs a ``prompt`` string; ``response`` is optional (references for evaluation, and
-the off-policy rows when ``rollout.off_policy`` is ``dataset``). Problems are reported as one line naming the file, the row and the fix.
+the off-policy rows when ``rollout.off_policy`` is ``dataset``). Problems are reported as one
+line naming the file, the row and the fix.
 """
 from __future__ import annotations
 
