@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             from cluster.driver import run_job
             report = run_job(load_config(args.config, args.overrides))
             keys = ("metric", "teacher_score", "student_score_before", "student_score_after",
-                    "final_weight_version", "rows_by_source", "wall_seconds")
+                    "final_weight_version", "rows_by_source", "rollout_usage", "wall_seconds")
             print(json.dumps({k: report[k] for k in keys}, indent=2))
         elif args.command == "check":
             _check(args.config, args.overrides)

@@ -70,7 +70,8 @@ class BufferConfig(_Strict):
     max_staleness: int = Field(1, ge=0, description="weight versions an on-policy row may lag; 0 = synchronous")
     spill_dir: Optional[str] = Field(None, description="write sealed segments as Arrow IPC here")
     on_policy_uses: int = Field(1, ge=1, description="times a student row may be trained on")
-    off_policy_uses: int = Field(4, ge=1, description="times a teacher/dataset row may be trained on")
+    off_policy_uses: int = Field(1, ge=1, description="times a teacher/dataset row may be trained on "
+                                                     "(1 = every row distinct, as in TRL)")
 
 
 class LearnerConfig(_Strict):
@@ -78,7 +79,12 @@ class LearnerConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16"] = "fp32"
     device: Literal["cpu", "cuda"] = "cpu"
-    lr: float = Field(1.0e-4, gt=0)
+    lr: float = Field(1.0e-4, gt=0, description="peak learning rate")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="decay from lr to min_lr over the steps after warm-up (learner/schedule.py)")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up to lr (wins over warmup_ratio)")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="warm-up as a fraction of steps")
+    min_lr: float = Field(0.0, ge=0, description="the rate the decay ends at")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     micro_batch: int = Field(8, ge=1, description="rows per learner actor per step")
@@ -89,6 +95,16 @@ class LearnerConfig(_Strict):
     weight_transport: Literal["object_store"] = "object_store"
     bucket_mib: int = Field(64, ge=1)
     threads: int = Field(1, ge=1, description="torch threads per learner actor on CPU")
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "LearnerConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"learner.min_lr={self.min_lr} is above learner.lr={self.lr}; the "
+                             f"schedule decays from lr down to min_lr, so set min_lr <= lr")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"learner.warmup_steps={self.warmup_steps} leaves no step of the "
+                             f"{self.steps} learner.steps after warm-up; lower it")
+        return self
 
 
 class LossConfig(_Strict):

@@ -1,7 +1,8 @@
 """The job: check inputs, start actors, train while rollouts flow, push weights, report.
 
 Loop (one learner step per iteration):
-  1. top up rollouts (cluster.rollouts) so the buffer stays ahead of the learner;
+  1. top up rollouts (cluster.rollouts) with what the learner will consume: no more rows than
+     the remaining steps train on, and no on-policy row that would go stale before its turn;
   2. sample a batch: on_policy_fraction of it student rows at most max_staleness versions old;
      if the buffer cannot serve it yet, wait for a rollout and retry;
   3. every learner rank trains on its share of the batch (one DeepSpeed step);
@@ -25,7 +26,7 @@ from cluster.data import load_prompts, reference_rows
 from cluster.evaluate import greedy_score
 from cluster.models import check_models
 from cluster.report import write_report
-from cluster.rollouts import RolloutPump, batch_stream, prompt_stream
+from cluster.rollouts import Demand, RolloutPump, item_stream, prompt_stream
 from services.status import JobStatus, StatusServer
 
 MAX_NONFINITE_STEPS = 3
@@ -87,6 +88,14 @@ class Trainer:
     @property
     def min_version(self) -> int:
         return self.version - self.cfg.buffer.max_staleness
+
+    def demand(self) -> Demand:
+        """What the remaining steps will train on. A student row sampled now carries version v
+        and stays usable until the push of v + max_staleness + 1: ``window`` more steps."""
+        b, lc = self.cfg.buffer, self.cfg.learner
+        window = (b.max_staleness + 1) * lc.sync_every - self.step % lc.sync_every
+        return Demand(self.n_on, self.global_batch - self.n_on, lc.steps - self.step, window,
+                      self.min_version, b.on_policy_uses, b.off_policy_uses)
 
     def try_step(self) -> bool:
         """One learner step if the buffer can serve a batch; False if it cannot yet."""
@@ -195,7 +204,8 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None) -> dict[str, Any]:
             "student_score_after": after["score"], "steps": trainer.step,
             "final_weight_version": trainer.version, "rows_by_source": buffer_stats["rows_by_source"],
             "max_on_policy_lag": trainer.max_lag, "evals": trainer.evals,
-            "rows_generated": trainer.pump.rows, "wall_seconds": time.time() - started,
+            "rollout_usage": trainer.pump.usage(buffer_stats["served_by_source"]),
+            "wall_seconds": time.time() - started,
             "rollout_tokens_per_s": trainer.pump.tokens_per_s(),
             "learner_tokens_per_s": trainer.learner_tokens_per_s(),
             "history": trainer.history, "examples_after": after["examples"],
@@ -232,16 +242,14 @@ def _evaluate_during(trainer: Trainer, evals, tokenizer, status: JobStatus) -> N
 
 def _train(trainer: Trainer, train, references, evals, tokenizer) -> None:
     cfg, actors, status = trainer.cfg, trainer.actors, trainer.status
-    per_batch = cfg.rollout.prompts_per_batch
-    pump = RolloutPump(actors.students, actors.teachers, actors.buffer,
-                       prompt_stream(train, per_batch, cfg.seed),
-                       batch_stream(references, per_batch, cfg.seed + 1) if references else None)
+    pump = RolloutPump(actors.students, actors.teachers, actors.buffer, prompt_stream(train, cfg.seed),
+                       item_stream(references, cfg.seed + 1) if references else None,
+                       batch_size=cfg.rollout.prompts_per_batch)
     trainer.pump = pump
-    n_off = trainer.global_batch - trainer.n_on
     status.update(state="training")
     log_every = max(1, cfg.learner.steps // 20)
     while trainer.step < cfg.learner.steps:
-        pump.top_up(trainer.n_on, n_off, trainer.min_version)
+        pump.top_up(trainer.demand())
         pump.poll()
         if not trainer.try_step():
             pump.wait_one()
@@ -257,7 +265,8 @@ def _train(trainer: Trainer, train, references, evals, tokenizer) -> None:
             last = trainer.history[-1] if trainer.history else {}
             log(f"step {trainer.step}/{cfg.learner.steps} loss {last.get('loss', float('nan')):.4f} "
                 f"version {trainer.version} rollout {pump.tokens_per_s():.0f} tok/s "
-                f"learner {trainer.learner_tokens_per_s():.0f} tok/s rows {pump.rows}")
+                f"learner {trainer.learner_tokens_per_s():.0f} tok/s lr {last.get('lr', float('nan')):.2e} "
+                f"rows made {pump.rows}")
     pump.drain()
     if trainer.step % cfg.learner.sync_every != 0:
         trainer.push_weights()
@@ -269,7 +278,8 @@ def _publish(trainer: Trainer, pump: RolloutPump, status: JobStatus) -> None:
     actors = {f"learner-{i}": {"state": "alive", "last_seen_s": 0.0} for i in range(len(trainer.actors.learners))}
     actors.update(pump.health())
     actors["buffer"] = {"state": "alive", "last_seen_s": 0.0}
-    status.update(actors=actors, step=trainer.step, weight_version=trainer.version,
-                  buffer=ray.get(trainer.actors.buffer.stats.remote()),
+    buffer = ray.get(trainer.actors.buffer.stats.remote())
+    status.update(actors=actors, step=trainer.step, weight_version=trainer.version, buffer=buffer,
+                  rollout_usage=pump.usage(buffer["served_by_source"]),
                   rollout_tokens_per_s=pump.tokens_per_s(),
                   learner_tokens_per_s=trainer.learner_tokens_per_s())

@@ -21,7 +21,7 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(report, indent=2, default=str))
     tmp.replace(path)
     keys = ("metric", "teacher_score", "student_score_before", "student_score_after", "steps",
-            "final_weight_version", "rows_by_source", "wall_seconds", "rollout_tokens_per_s",
+            "final_weight_version", "rows_by_source", "rollout_usage", "wall_seconds", "rollout_tokens_per_s",
             "learner_tokens_per_s")
     lines = [f"# ammd run `{report.get('name')}`", "", "| field | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(report.get(k))} |" for k in keys]

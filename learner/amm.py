@@ -45,6 +45,7 @@ from torch import nn
 
 from learner.losses import (DEFAULT_CHUNK_SIZE, TAIL_LOG_FLOOR, _NEG, _select, chunked_sum,
                             compute_dtype, topk_cover)
+from learner.schedule import SCHEDULES
 from learner.teacher_signal import TeacherSignal, TopKSignal
 
 TAILS = ("student_mean", "zero")
@@ -301,6 +302,8 @@ def adversary_step(heads: tuple[QHead, QHead], optimizer: torch.optim.Optimizer,
 AMM_DEFAULTS: dict[str, Any] = {
     "beta": 0.5,           # weight of the off-policy distance; 0 = on-policy only, 1 = off-policy only
     "adv_lr": 1e-2,        # Adam learning rate of the adversaries
+    "adv_lr_schedule": "constant",  # "constant" | "linear" | "cosine" over the learner's steps:
+                           # the adversary must keep tracking the student to the end
     "adv_steps": 1,        # adversary ascent steps per student step
     "head": "logratio",    # "logratio" | "linear" | "mlp" (see QHead)
     "tail": "student_mean",  # top-k tail handling: "student_mean" | "zero"
@@ -322,6 +325,7 @@ def resolve_amm_params(params: dict[str, Any]) -> dict[str, Any]:
     out = {**AMM_DEFAULTS, **params}
     checks = [("beta", 0 <= float(out["beta"]) <= 1, "a number in [0, 1]"),
               ("adv_lr", float(out["adv_lr"]) > 0, "a positive number"),
+              ("adv_lr_schedule", out["adv_lr_schedule"] in SCHEDULES, f"one of {SCHEDULES}"),
               ("adv_steps", isinstance(out["adv_steps"], int) and out["adv_steps"] >= 0, "an integer >= 0"),
               ("head", out["head"] in HEADS, f"one of {HEADS}"),
               ("tail", out["tail"] in TAILS, f"one of {TAILS}"),

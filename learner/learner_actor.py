@@ -58,6 +58,7 @@ class LearnerWorker:
         from transformers import AutoModelForCausalLM
 
         from learner.objective import make_objective
+        from learner.schedule import make_lr_scheduler, warmup_steps
 
         self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
         self.device = torch.device("cuda", torch.cuda.current_device()) if learner["device"] == "cuda" else torch.device("cpu")
@@ -75,10 +76,15 @@ class LearnerWorker:
         if learner["gradient_checkpointing"]:
             model.gradient_checkpointing_enable()
         self.objective = make_objective(loss, hidden_size=model.config.hidden_size,
-                                        vocab_size=model.config.vocab_size, device=self.device)
+                                        vocab_size=model.config.vocab_size, device=self.device,
+                                        steps=learner["steps"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=learner["lr"],
                                       weight_decay=learner["weight_decay"])
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+        # DeepSpeed steps the scheduler inside engine.step() and keeps it in its checkpoints.
+        warmup = warmup_steps(learner["steps"], learner["warmup_steps"], learner["warmup_ratio"])
+        scheduler = make_lr_scheduler(optimizer, learner["lr_schedule"], learner["steps"], warmup,
+                                      learner["min_lr"])
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(learner, world_size))
         self.zero_stage = learner["zero_stage"]
         self.steps = 0
@@ -115,6 +121,7 @@ class LearnerWorker:
         if finite.item() < 1:
             self.skipped_nonfinite += 1
             return {"loss": float("nan"), "skipped_nonfinite": 1.0, "tokens": 0.0}
+        lr = self.engine.get_lr()[0]  # the rate this step uses
         self.engine.backward(loss)
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
@@ -123,7 +130,7 @@ class LearnerWorker:
         self.tokens += batch.num_tokens
         self.busy_seconds += time.time() - t0
         return {"loss": float(loss.detach()), "tokens": float(batch.num_tokens),
-                "skipped_nonfinite": 0.0, "seconds": time.time() - t0,
+                "skipped_nonfinite": 0.0, "seconds": time.time() - t0, "lr": float(lr),
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), **metrics}
 
     def export_weights(self, transport: str, bucket_mib: int, dtype: str) -> Optional[Any]:

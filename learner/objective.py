@@ -18,6 +18,7 @@ from learner.amm import (QHead, StudentInputs, adversary_step, adversary_values,
                          student_loss)
 from learner.batch import LearnerBatch
 from learner.losses import LOSSES, get_loss
+from learner.schedule import make_lr_scheduler
 
 
 class DistributionObjective:
@@ -56,11 +57,14 @@ class AMMObjective:
 
     needs_hidden = True
 
-    def __init__(self, params: dict[str, Any], *, hidden_size: int, vocab_size: int, device="cpu"):
+    def __init__(self, params: dict[str, Any], *, hidden_size: int, vocab_size: int, device="cpu",
+                 steps: int = 1):
         self.params = resolve_amm_params(params)
         self.heads = tuple(QHead(hidden_size, vocab_size, self.params["head"]).to(device) for _ in range(2))
         self.optimizer = torch.optim.Adam([p for h in self.heads for p in h.parameters()],
                                           lr=float(self.params["adv_lr"]))
+        # One scheduler step per student step, over the job's learner steps.
+        self.scheduler = make_lr_scheduler(self.optimizer, self.params["adv_lr_schedule"], steps)
 
     @staticmethod
     def _average_over_ranks(grads: list[torch.Tensor]) -> None:
@@ -92,15 +96,18 @@ class AMMObjective:
         return value, metrics
 
     def after_student_step(self, out: Any, batch: LearnerBatch) -> None:
-        pass
+        self.scheduler.step()
 
     def state_dict(self) -> dict:
-        return {"heads": [h.state_dict() for h in self.heads], "optimizer": self.optimizer.state_dict()}
+        return {"heads": [h.state_dict() for h in self.heads], "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         for head, sd in zip(self.heads, state["heads"]):
             head.load_state_dict(sd)
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
 
 
 def loss_names() -> list[str]:
@@ -116,9 +123,10 @@ def check_loss(name: str, params: dict[str, Any]) -> dict[str, Any]:
     return get_loss(name).resolve_params(params)
 
 
-def make_objective(loss: dict, *, hidden_size: int, vocab_size: int, device: Any = "cpu"):
-    """Build the objective for a ``loss`` config section (a dict)."""
+def make_objective(loss: dict, *, hidden_size: int, vocab_size: int, device: Any = "cpu", steps: int = 1):
+    """Build the objective for a ``loss`` config section (a dict); ``steps``: the job's learner steps."""
     params = loss.get("params") or {}
     if loss["name"] == "amm":
-        return AMMObjective(params, hidden_size=hidden_size, vocab_size=vocab_size, device=device)
+        return AMMObjective(params, hidden_size=hidden_size, vocab_size=vocab_size, device=device,
+                            steps=steps)
     return DistributionObjective(loss["name"], params)

@@ -7,11 +7,14 @@ Contract:
   the same directory holds every acknowledged row that was not evicted.
 - ``sample(n, on_policy_fraction, min_version)`` returns ``round(n * fraction)`` student rows
   whose ``policy_version >= min_version`` and the rest from teacher/dataset rows, least-used
-  rows first (ties broken by a seeded RNG), or ``None`` when either pool is too small: the
-  caller waits for more rollouts instead of training on stale data.
+  rows first, then the oldest weight version (the rows closest to going stale), ties broken
+  by a seeded RNG; or ``None`` when either pool is too small: the caller waits for more
+  rollouts instead of training on stale data.
 - A row is served at most ``on_policy_uses`` (student rows) or ``off_policy_uses`` (teacher
-  and dataset rows) times; after that it is spent. On-policy rows default to one use: their
-  value is that they are fresh samples of the current student.
+  and dataset rows) times; after that it is spent. Both default to one use, as in TRL: every
+  row a learner trains on is a distinct sample. ``available`` counts the servings left, and
+  ``stats`` how many rows of each source were appended and served, so the driver can
+  generate only what the learner will consume.
 - Capacity is in rows; the oldest rows are evicted first (FIFO).
 
 The class is plain Python so it is tested without Ray; the driver runs it as a Ray actor.
@@ -35,7 +38,7 @@ _STUDENT = SOURCES.index("student")
 
 class ReplayBuffer:
     def __init__(self, capacity_rows: int, seed: int = 0, spill_dir: Optional[str] = None,
-                 on_policy_uses: int = 1, off_policy_uses: int = 4):
+                 on_policy_uses: int = 1, off_policy_uses: int = 1):
         if capacity_rows <= 0:
             raise ValueError("buffer.capacity_rows must be positive")
         if on_policy_uses < 1 or off_policy_uses < 1:
@@ -50,6 +53,9 @@ class ReplayBuffer:
         self.appended = 0
         self.evicted = 0
         self.sampled_rows = 0
+        self.appended_by_source = np.zeros(len(SOURCES), np.int64)
+        self.served_by_source = np.zeros(len(SOURCES), np.int64)   # row-uses handed out
+        self.distinct_by_source = np.zeros(len(SOURCES), np.int64)  # rows handed out at least once
         self.spill_dir = Path(spill_dir) if spill_dir else None
         self._segments: list[dict] = []  # [{"file": name, "rows": n}] oldest first
         if self.spill_dir:
@@ -82,6 +88,7 @@ class ReplayBuffer:
         self.version = np.concatenate([self.version, table.column("policy_version").to_numpy()])
         self.uses = np.concatenate([self.uses, np.zeros(table.num_rows, np.int64)])
         self.appended += table.num_rows
+        self.appended_by_source += np.bincount(source, minlength=len(SOURCES))
 
     def _evict(self) -> None:
         extra = self.table.num_rows - self.capacity
@@ -99,6 +106,9 @@ class ReplayBuffer:
         if len(on_pool) < n_on or len(off_pool) < n - n_on:
             return None
         chosen = np.concatenate([self._least_used(on_pool, n_on), self._least_used(off_pool, n - n_on)])
+        first = chosen[self.uses[chosen] == 0]
+        self.distinct_by_source += np.bincount(self.source[first], minlength=len(SOURCES))
+        self.served_by_source += np.bincount(self.source[chosen], minlength=len(SOURCES))
         self.uses[chosen] += 1
         self.sampled_rows += len(chosen)
         return self.table.take(pa.array(chosen))
@@ -106,13 +116,16 @@ class ReplayBuffer:
     def _least_used(self, pool: np.ndarray, k: int) -> np.ndarray:
         if k == 0:
             return pool[:0]
-        order = np.lexsort((self.rng.random(len(pool)), self.uses[pool]))
+        # np.lexsort sorts by its last key first: uses, then version (oldest first), then random.
+        order = np.lexsort((self.rng.random(len(pool)), self.version[pool], self.uses[pool]))
         return pool[order[:k]]
 
     def available(self, min_version: int) -> dict[str, int]:
-        """Rows the sampler could serve now: fresh, unspent on-policy and off-policy rows."""
+        """Servings the sampler could hand out now: for every fresh, unspent row, the uses it
+        has left (one per row with the default of one use)."""
         on, off = self._usable(min_version)
-        return {"on_policy": int(on.sum()), "off_policy": int(off.sum())}
+        left = np.where(self.source == _STUDENT, self.max_uses[0], self.max_uses[1]) - self.uses
+        return {"on_policy": int(left[on].sum()), "off_policy": int(left[off].sum())}
 
     def _usable(self, min_version: int) -> tuple[np.ndarray, np.ndarray]:
         """Boolean masks of the on- and off-policy rows that are fresh enough and not spent."""
@@ -129,6 +142,9 @@ class ReplayBuffer:
         return {
             "rows": int(self.table.num_rows),
             "rows_by_source": by_source,
+            "appended_by_source": dict(zip(SOURCES, self.appended_by_source.tolist())),
+            "served_by_source": dict(zip(SOURCES, self.served_by_source.tolist())),
+            "distinct_served_by_source": dict(zip(SOURCES, self.distinct_by_source.tolist())),
             "appended": self.appended,
             "evicted": self.evicted,
             "sampled_rows": self.sampled_rows,

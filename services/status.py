@@ -38,7 +38,7 @@ class JobStatus:
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {
             "name": name, "state": "starting", "step": 0, "total_steps": total_steps,
-            "weight_version": 0, "buffer": {}, "rollout_tokens_per_s": 0.0,
+            "weight_version": 0, "buffer": {}, "rollout_usage": {}, "rollout_tokens_per_s": 0.0,
             "learner_tokens_per_s": 0.0, "losses": {}, "history": [], "actors": {},
             "started_at": time.time(), "updated_at": time.time(),
         }
@@ -74,6 +74,9 @@ def prometheus_text(snap: dict[str, Any]) -> str:
         gauge(key, snap.get(key))
     for source, rows in snap.get("buffer", {}).get("rows_by_source", {}).items():
         gauge("buffer_rows", rows, f'{{source="{source}"}}')
+    for source, use in snap.get("rollout_usage", {}).items():
+        gauge("rows_generated", use.get("generated"), f'{{source="{source}"}}')
+        gauge("rows_trained", use.get("trained"), f'{{source="{source}"}}')
     for key, value in snap.get("losses", {}).items():
         gauge(f"loss_{key}", value)
     return "\n".join(lines) + "\n"

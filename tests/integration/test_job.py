@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from learner.learner_actor import free_port
@@ -69,11 +70,21 @@ def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness, loss
     # Every on-policy row the learner used was at most `staleness` versions old.
     assert report["max_on_policy_lag"] <= staleness
     assert [e["step"] for e in report["evals"]] == [6, 12]
+    # Rollouts sized by demand: every source's rows were trained on, none thrown away.
+    usage = report["rollout_usage"]
+    assert set(usage) == {"student", "teacher"}
+    for src, use in usage.items():
+        assert use["trained"] == 12 * 16 and 1.0 <= use["ratio"] <= 1.2, (src, use)
+    assert seen["rollout_usage"]  # /status shows it while the job runs
+    # The default schedule decays linearly from learner.lr to 0 over the 12 steps.
+    rates = [h["lr"] for h in report["history"]]
+    np.testing.assert_allclose(rates, [1e-3 * (1 - t / 12) for t in range(12)], rtol=1e-6)
     ckpt = tmp_path / f"job-s{staleness}" / "checkpoints" / "step12"
     assert ckpt.is_dir()
+    import torch
+    state = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    assert state["lr_scheduler"]["last_epoch"] == 12  # the scheduler is saved with the optimiser
     if loss == "amm":
-        import torch
         # The adversaries' curves are in the report and their state in the checkpoint.
         assert all({"d_on", "d_off", "adversary_loss"} <= set(h) for h in report["history"])
-        state = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
         assert len(state["objective"]["heads"]) == 2 and "state" in state["objective"]["optimizer"]

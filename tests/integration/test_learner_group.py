@@ -31,26 +31,32 @@ def rows(n: int):
     return out
 
 
-def reference_step(model_dir: str, table, lr: float, world: int, teacher_dir=None):
-    """Weights after one step, each parameter's gradient, the pre-clip norm and per-rank losses."""
+def reference_step(model_dir: str, table, lr: float | list[float], world: int, teacher_dir=None):
+    """Weights after one AdamW step per rate in ``lr``, with the last step's gradients, pre-clip
+    norm and per-rank losses."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval() if teacher_dir else None
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    for rank in range(world):
-        b = collate(table.take(list(range(rank, table.num_rows, world))), pad_id=0)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                       position_ids=b.position_ids).logits
-        signal = b.teacher
-        if teacher is not None:
-            with torch.no_grad():
-                signal = b.response_logits(teacher(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                                   position_ids=b.position_ids).logits)
-        losses.append(forward_kl(b.response_logits(logits), signal, b.mask))
-    torch.stack(losses).mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-    opt.step()
+    rates = lr if isinstance(lr, list) else [lr]
+    opt = torch.optim.AdamW(model.parameters(), lr=rates[0], weight_decay=0.0)
+    for rate in rates:
+        for group in opt.param_groups:  # the rate each step should use, set by hand
+            group["lr"] = rate
+        opt.zero_grad()
+        losses = []
+        for rank in range(world):
+            b = collate(table.take(list(range(rank, table.num_rows, world))), pad_id=0)
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                           position_ids=b.position_ids).logits
+            signal = b.teacher
+            if teacher is not None:
+                with torch.no_grad():
+                    signal = b.response_logits(teacher(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                                       position_ids=b.position_ids).logits)
+            losses.append(forward_kl(b.response_logits(logits), signal, b.mask))
+        torch.stack(losses).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        opt.step()
     return {n: p.detach() for n, p in model.named_parameters()}, grads, norm, [float(l) for l in losses]
 
 
@@ -92,6 +98,39 @@ def test_two_rank_deepspeed_step_equals_single_process_step(ray_cluster, tiny_mo
         # The step moved the weights (a no-op learner would also 'match' a no-op reference).
         before = AutoModelForCausalLM.from_pretrained(student_dir).state_dict()
         assert any(not torch.allclose(before[n], t) for n, t in want.items())
+    finally:
+        for l in learners:
+            ray_cluster.kill(l)
+        from ray.util.placement_group import remove_placement_group
+        remove_placement_group(pg)
+
+
+def test_learner_steps_follow_the_schedule(ray_cluster, tiny_models):
+    """Four DeepSpeed steps under linear decay with one warm-up step use the closed-form rates
+    (lr/2, lr, 2lr/3, lr/3) and land where AdamW with those rates set by hand lands."""
+    from cluster.actors import _learners
+    from cluster.models import ModelPair
+    from learner.weight_sync import unpack_bucket
+
+    student_dir, _ = tiny_models
+    lr = 1e-2
+    cfg = JobConfig.model_validate({"learner": {"actors": 2, "zero_stage": 2, "lr": lr, "micro_batch": 4,
+                                                "steps": 4, "lr_schedule": "linear", "warmup_steps": 1}})
+    pair = ModelPair(tokenizer=None, vocab_size=VOCAB, pad_id=0, stop_token_ids=[2], max_model_len=64)
+    learners, pg = _learners(cfg, student_dir, pair)
+    try:
+        table = rows_to_batch(rows(8))
+        ref = ray_cluster.put(table)
+        used = [ray_cluster.get([l.train_step.remote(ref) for l in learners])[0]["lr"] for _ in range(4)]
+        want_rates = [lr / 2, lr, lr * 2 / 3, lr / 3]
+        np.testing.assert_allclose(used, want_rates, rtol=1e-9)
+        payloads = ray_cluster.get([l.export_weights.remote("object_store", 1, "float32") for l in learners])
+        got = {n: t for bucket in payloads[0] for n, t in unpack_bucket(bucket)}
+        want, grads, _, _ = reference_step(student_dir, table, want_rates, world=2)
+        for name, tensor in want.items():
+            ok = grads[name].abs() > 1e-6
+            torch.testing.assert_close(torch.as_tensor(got[name])[ok], tensor[ok], atol=5e-5, rtol=1e-4,
+                                       msg=lambda m: f"{name}: {m}")
     finally:
         for l in learners:
             ray_cluster.kill(l)

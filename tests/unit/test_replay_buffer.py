@@ -73,6 +73,30 @@ def test_rows_are_spent_after_their_allowed_uses():
     assert sorted(on_ids) == [f"s{i}" for i in range(4)]  # each student row served once
     assert buf.available(0) == {"on_policy": 0, "off_policy": 0}
     assert buf.sample(2, 0.5, 0) is None  # spent: the learner waits for new rollouts
+    stats = buf.stats()
+    assert stats["appended_by_source"] == {"student": 4, "teacher": 2, "dataset": 0}
+    assert stats["served_by_source"] == {"student": 4, "teacher": 4, "dataset": 0}
+    assert stats["distinct_served_by_source"] == {"student": 4, "teacher": 2, "dataset": 0}
+
+
+def test_available_counts_the_servings_left():
+    buf = ReplayBuffer(1000, seed=0, on_policy_uses=2, off_policy_uses=3)
+    buf.append(rows_to_batch([make_row(i, "student", version=1) for i in range(4)] +
+                             [make_row(10 + i, "teacher") for i in range(2)]))
+    assert buf.available(0) == {"on_policy": 8, "off_policy": 6}
+    buf.sample(4, 0.5, 0)
+    assert buf.available(0) == {"on_policy": 6, "off_policy": 4}
+    assert buf.available(2) == {"on_policy": 0, "off_policy": 4}  # version 1 is stale at 2
+
+
+def test_oldest_fresh_rows_are_served_first():
+    # Rows nearest to going stale go first, so a version's rows are used before they expire.
+    buf = ReplayBuffer(1000, seed=3)
+    buf.append(rows_to_batch([make_row(i, "student", version=2) for i in range(6)]))
+    buf.append(rows_to_batch([make_row(10 + i, "student", version=1) for i in range(6)]))
+    first = batch_to_rows(buf.sample(6, 1.0, 1))
+    assert {r.policy_version for r in first} == {1}
+    assert {r.policy_version for r in batch_to_rows(buf.sample(6, 1.0, 1))} == {2}
 
 
 def test_fifo_eviction_keeps_the_newest_rows():
