@@ -1,17 +1,24 @@
 """The quality benchmark: every distillation method, through the users' job, on the toy tasks.
 
-For each task and seed the rollout actors (vLLM teacher and student) start once; each method
-is then one ``cluster.driver.run_job`` on them, which resets the student engine to the initial
-student, starts its own buffer and DeepSpeed learner, trains ``learner.steps`` steps and scores
-the held-out test split. Afterwards the bench scores the same final student on the validation
-split, which only picks AMM's best beta (the test split never selects anything).
+For each task and seed the rollout actors (vLLM teacher and student) start once; each ammd
+method is then one ``cluster.driver.run_job`` on them, which resets the student engine to the
+initial student, starts its own buffer and DeepSpeed learner, trains ``learner.steps`` steps and
+scores the held-out test split. Hugging Face TRL's own trainers run beside them
+(``bench/trl_runner.py``, in a venv of their own) on the same models, data, budget and sampling
+temperature; their final students are loaded into the same student engine and scored by the
+same greedy decoding. Every final student is also scored on the validation split, which picks
+each method's learning rate and AMM's best beta (the test split never selects anything).
+
+Learning rate: on the first seed every method runs at every rate of ``--lrs`` (the grid), and
+the rate with the best validation score is the method's rate for that task; the other seeds
+run at that rate only. So every method, TRL's included, is tuned the same way.
 
 Every method has the same budget: the same learner steps of the same batch size, the same
 rollout engines and sampling settings (configs/bench-quality.yaml). What differs is the loss
 and which rows it trains on, given per method in ``METHODS``.
 
-    python -m bench.quality                      # the full benchmark (make bench-quality)
-    python -m bench.quality --tasks sort --seeds 0 --steps 4 --out /tmp/q   # the smoke variant
+    python -m bench.quality                      # the benchmark (make bench-quality)
+    python -m bench.quality --tasks sort --seeds 0 --steps 4 --lrs 1e-3 --out /tmp/q   # smoke
     python -m bench.quality --config my-job.yaml --val my-val.jsonl --out my-results   # your data
 
 Results: ``<out>/quality.json`` (every run; ``quality.runs.jsonl`` fills as runs finish),
@@ -32,12 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.quality_report import amm_label, write_outputs
+from bench.trl_runner import TRL_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "bench-quality.yaml"
 TASKS = ("summarize", "translate", "arith")
 SEEDS = (0, 1, 2)
 AMM_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+LR_GRID = (3e-4, 1e-3, 3e-3)
 _MIXED = ["buffer.on_policy_fraction=0.5"]          # half student samples, half teacher samples
 _ON = ["buffer.on_policy_fraction=1.0"]             # student samples only
 _OFF = ["buffer.on_policy_fraction=0.0"]            # teacher samples only
@@ -61,11 +70,23 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "SKL (0.1)": ("mixed", ["loss.name=skew_forward_kl", "loss.params.alpha=0.1", *_MIXED]),
     "SRKL (0.1)": ("mixed", ["loss.name=skew_reverse_kl", "loss.params.alpha=0.1", *_MIXED]),
     "GKD (on-policy JSD 0.5)": ("student", ["loss.name=generalized_jsd", "loss.params.beta=0.5", *_ON]),
+    # TRL GKDTrainer's default mix: JSD 0.5 on half student samples, half dataset responses.
+    "GKD mix (JSD 0.5, student + dataset)": ("student+dataset", [
+        "loss.name=generalized_jsd", "loss.params.beta=0.5", "rollout.off_policy=dataset", *_MIXED]),
     **{amm_label(b): ("student" if b == 0 else "teacher" if b == 1 else "mixed", _amm(b))
        for b in AMM_GRID},
+    # The learning-rate schedule's ablation (forward KL; the default schedule is linear decay).
+    **{f"FKL ({name})": ("mixed", ["loss.name=forward_kl", *_MIXED, *extra]) for name, extra in (
+        ("constant lr", ["learner.lr_schedule=constant"]), ("cosine lr", ["learner.lr_schedule=cosine"]),
+        ("linear lr, 10% warm-up", ["learner.warmup_ratio=0.1"]))},
+    # Hugging Face TRL's trainers themselves (bench/trl_runner.py), no ammd overrides.
+    **{label: (rows, []) for label, rows in zip(TRL_METHODS, ("dataset", "student+dataset", "student"))},
 }
+# What `make bench-quality` runs: the methods TRL has a counterpart for, and AMM at 0.5 and 1.
+DEFAULT_METHODS = ("SFT", "FKL", "GKD (on-policy JSD 0.5)", "GKD mix (JSD 0.5, student + dataset)",
+                   amm_label(0.5), amm_label(1.0), *TRL_METHODS)
 ROWS_SOURCES = {"dataset": {"dataset"}, "mixed": {"student", "teacher"}, "student": {"student"},
-                "teacher": {"teacher"}}
+                "teacher": {"teacher"}, "student+dataset": {"student", "dataset"}}
 
 
 def log(msg: str) -> None:
@@ -102,8 +123,9 @@ def own_setting(seed: int, config: Path, extra: list[str], val_path: str) -> Set
     return Setting(base.name, base, val_path)
 
 
-def run_sweep(setting: Setting, methods: dict, journal: Path) -> list[dict]:
-    """Every method on one setting (task and seed), sharing one pair of rollout actors.
+def run_sweep(setting: Setting, runs: list[tuple[str, float]], journal: Path) -> list[dict]:
+    """Every (method, learning rate) of ``runs`` on one setting (task and seed), sharing one pair
+    of rollout actors.
 
     Each finished run is appended to ``journal`` (JSON lines) at once, so a crash later in a
     long sweep keeps what was measured. A run whose loss stays non-finite is recorded with its
@@ -125,8 +147,9 @@ def run_sweep(setting: Setting, methods: dict, journal: Path) -> list[dict]:
     rollouts = start_rollouts(base, pair)
     records = []
     try:
-        for label, (rows, overrides) in methods.items():
-            records.append(_run_method(setting, label, rows, overrides, rollouts, pair, val))
+        for label, lr in runs:
+            run = _run_trl_method if label in TRL_METHODS else _run_method
+            records.append(run(setting, label, lr, rollouts, pair, val))
             _append(journal, records[-1])
     finally:
         stop_rollouts(rollouts)
@@ -134,33 +157,95 @@ def run_sweep(setting: Setting, methods: dict, journal: Path) -> list[dict]:
     return records
 
 
-def _run_method(setting: Setting, label: str, rows: str, overrides: list[str], rollouts, pair, val) -> dict:
-    """One method's job on the shared rollouts, then its final student scored on ``val``."""
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def _run_method(setting: Setting, label: str, lr: float, rollouts, pair, val) -> dict:
+    """One ammd method's job on the shared rollouts, then its final student scored on ``val``."""
     from cluster.config import build_config
     from cluster.driver import run_job
     from cluster.evaluate import greedy_score
 
     task, seed, t0 = setting.task, setting.base.seed, time.time()
-    slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
-    cfg = build_config(setting.base.model_dump(), overrides + [f"name=quality-{task}-s{seed}-{slug}"])
+    rows, overrides = METHODS[label]
+    cfg = build_config(setting.base.model_dump(), overrides + [
+        f"learner.lr={lr}", f"name=quality-{task}-s{seed}-{_slug(label)}-lr{lr:g}"])
     try:
         report = run_job(cfg, rollouts)
     except FloatingPointError as err:
-        log(f"{task} seed {seed} {label}: FAILED ({err})")
-        return {"task": task, "seed": seed, "method": label, "error": str(err)}
+        log(f"{task} seed {seed} {label} lr {lr:g}: FAILED ({err})")
+        return {"task": task, "seed": seed, "method": label, "lr": lr, "error": str(err)}
     val_score = greedy_score(rollouts.students[0], val, pair.tokenizer, cfg.eval.metric)["score"]
     record = {
-        "task": task, "seed": seed, "method": label, "rows": rows, "metric": cfg.eval.metric,
+        "task": task, "seed": seed, "method": label, "lr": lr, "rows": rows, "metric": cfg.eval.metric,
         "test": report["student_score_after"], "val": val_score,
         "teacher": report["teacher_score"], "student_before": report["student_score_before"],
         "steps": report["steps"], "rows_by_source": report["rows_by_source"],
-        "seconds": round(time.time() - t0, 1),
-        "curves": [{k: h[k] for k in ("step", "loss", "d_on", "d_off", "adversary_loss") if k in h}
+        "rollout_usage": report["rollout_usage"], "seconds": round(time.time() - t0, 1),
+        "curves": [{k: h[k] for k in ("step", "loss", "lr", "d_on", "d_off", "adversary_loss") if k in h}
                    for h in report["history"]],
     }
-    log(f"{task} seed {seed} {label}: test {cfg.eval.metric} {record['test']:.3f}, "
+    log(f"{task} seed {seed} {label} lr {lr:g}: test {cfg.eval.metric} {record['test']:.3f}, "
         f"val {val_score:.3f} ({record['seconds']:.0f} s)")
     return record
+
+
+def _run_trl_method(setting: Setting, label: str, lr: float, rollouts, pair, val) -> dict:
+    """One of TRL's trainers on the same budget, its student scored by ammd's student engine.
+
+    The trained weights are pushed into the shared student engine (as a learner push would)
+    and decoded greedily on the test and validation splits; the next ammd job resets it.
+    """
+    import ray
+
+    from bench.trl_runner import load_named_weights, run_trl
+    from cluster.evaluate import greedy_score
+    from learner.weight_sync import make_transport
+
+    base, task, seed, t0 = setting.base, setting.task, setting.base.seed, time.time()
+    out = Path(base.output_dir).resolve() / "trl" / f"{task}-s{seed}-{_slug(label)}-lr{lr:g}"
+    run = run_trl(TRL_METHODS[label], student=base.models.student, teacher=base.models.teacher,
+                  train=base.data.train, lr=lr, steps=base.learner.steps,
+                  batch=base.learner.micro_batch * base.learner.actors,
+                  max_new_tokens=base.data.max_response_tokens, temperature=base.rollout.temperature,
+                  seed=seed, out=out, log=log, threads=base.learner.threads)  # as ammd's learner rank
+    student, test_prompts = rollouts.students[0], _test_prompts(base, pair)
+
+    def score_weights(model_dir: str, prompts) -> float:
+        named = load_named_weights(model_dir)
+        payload = make_transport(base.learner.weight_transport, bucket_mib=base.learner.bucket_mib).send(named, 0)
+        ray.get(student.load_weights.remote(payload, 0))
+        return greedy_score(student, prompts, pair.tokenizer, base.eval.metric)["score"]
+
+    before = score_weights(base.models.student, test_prompts)  # the same start as every ammd job
+    teacher_test = greedy_score(rollouts.teachers[0], test_prompts, pair.tokenizer, base.eval.metric)["score"]
+    test = score_weights(run["model_dir"], test_prompts)
+    val_score = greedy_score(student, val, pair.tokenizer, base.eval.metric)["score"]
+    record = {"task": task, "seed": seed, "method": label, "lr": lr, "rows": METHODS[label][0],
+              "metric": base.eval.metric, "test": test, "val": val_score, "teacher": teacher_test,
+              "student_before": before, "steps": run["steps"], "seconds": round(time.time() - t0, 1),
+              "curves": [{"step": h["step"], "loss": h["loss"]} for h in run["log_history"]
+                         if "loss" in h and "step" in h]}
+    log(f"{task} seed {seed} {label} lr {lr:g}: test {base.eval.metric} {test:.3f}, "
+        f"val {val_score:.3f} ({record['seconds']:.0f} s)")
+    return record
+
+
+def _test_prompts(base, pair) -> list:
+    from cluster.data import load_prompts
+    return load_prompts(base.data.eval, pair.tokenizer, base.data.max_prompt_tokens,
+                        limit=base.data.eval_size)
+
+
+def pick_lrs(records: list[dict], methods: list[str]) -> dict[str, float]:
+    """Per method, the learning rate whose run scored best on validation (ties: the smaller)."""
+    picked = {}
+    for m in methods:
+        runs = sorted((r for r in records if r["method"] == m and "error" not in r), key=lambda r: r["lr"])
+        if runs:
+            picked[m] = max(runs, key=lambda r: r["val"])["lr"]
+    return picked
 
 
 def _append(journal: Path, record: dict) -> None:
@@ -187,7 +272,10 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Ar
     ap.add_argument("--val", default=None, help="validation file: run on the models and data that "
                                                 "--config names instead of the toy tasks")
     ap.add_argument("--seeds", nargs="+", default=[str(s) for s in SEEDS])
-    ap.add_argument("--methods", nargs="+", default=None, help="labels from METHODS (default: all)")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="labels from METHODS (default: DEFAULT_METHODS; 'all' for every one)")
+    ap.add_argument("--lrs", nargs="+", type=float, default=list(LR_GRID),
+                    help="learning-rate grid, searched on the first seed (one value: no search)")
     ap.add_argument("--steps", type=int, default=None, help="learner steps (default: the base config's)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--benchmarks-md", default=None, help="rewrite the quality section of this file")
@@ -202,6 +290,8 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Ar
     if bad_seeds or not args.seeds:
         ap.error(f"--seeds takes integers, got {bad_seeds or 'none'}")
     args.seeds = [int(s) for s in args.seeds]
+    if args.methods == ["all"]:
+        args.methods = list(METHODS)
     unknown = [m for m in args.methods or [] if m not in METHODS]
     if unknown or args.methods == []:
         ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
@@ -210,7 +300,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Ar
 
 def main(argv: list[str] | None = None) -> dict:
     args, ap = _parse_args(argv)
-    methods = {m: METHODS[m] for m in (args.methods or METHODS)}
+    methods = list(args.methods or DEFAULT_METHODS)
     from cluster.config import load_config
     if load_config(args.config).models.teacher is not None and not args.val:
         ap.error(f"{args.config} names its own models: give --val FILE, the validation prompts "
@@ -221,16 +311,29 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     journal = out / "quality.runs.jsonl"
     journal.unlink(missing_ok=True)
+    if any(m in TRL_METHODS for m in methods):
+        from bench.trl_runner import ensure_trl_venv
+        ensure_trl_venv(log=log)
     records = []
     for task in ([None] if args.val else args.tasks):
-        for seed in args.seeds:
+        picked: dict[str, float] = {}
+        for i, seed in enumerate(args.seeds):
             setting = (own_setting(seed, Path(args.config), extra, args.val) if args.val
                        else toy_setting(task, seed, Path(args.config), extra))
-            records += run_sweep(setting, methods, journal)
+            # The first seed searches the grid; the rest run each method at its picked rate.
+            runs = [(m, lr) for m in methods for lr in (args.lrs if i == 0 else [picked[m]])
+                    if i == 0 or m in picked]
+            done = run_sweep(setting, runs, journal)
+            if i == 0:
+                picked = pick_lrs(done, methods)
+                log(f"{setting.task}: learning rates picked on validation {picked}")
+            for r in done:
+                r["selected"] = picked.get(r["method"]) == r["lr"]
+            records += done
             log(f"{len(records)} runs done, {time.time() - started:.0f} s")
     command = shlex.join(["python", "-m", "bench.quality", *(sys.argv[1:] if argv is None else argv)])
     result = {"commit": commit, "command": command,
-              "base_config": Path(args.config).read_text(), "overrides": extra,
+              "base_config": Path(args.config).read_text(), "overrides": extra, "lr_grid": args.lrs,
               "wall_seconds": round(time.time() - started, 1), "runs": records}
     write_outputs(result, out, args.benchmarks_md and Path(args.benchmarks_md))
     log(f"done in {result['wall_seconds'] / 60:.1f} min; results in {args.out}")

@@ -48,8 +48,19 @@ def amm_beta(method: str) -> float | None:
 
 
 def completed(result: dict) -> list[dict]:
-    """The runs of a ``bench.quality`` result that finished (no ``error``)."""
-    return [r for r in result["runs"] if "error" not in r]
+    """The runs of a ``bench.quality`` result that count: finished (no ``error``) and at the
+    learning rate picked for their method (runs of the grid search at other rates are left out)."""
+    return [r for r in result["runs"] if "error" not in r and r.get("selected", True)]
+
+
+def is_trl(method: str) -> bool:
+    return method.startswith("TRL ")
+
+
+# ammd method -> its TRL counterpart (issue: SFT against SFT, GKD against GKD)
+COUNTERPARTS = {"SFT": "TRL SFTTrainer",
+                "GKD mix (JSD 0.5, student + dataset)": "TRL GKDTrainer (lambda 0.5, beta 0.5)",
+                "GKD (on-policy JSD 0.5)": "TRL GKDTrainer (on-policy, lambda 1)"}
 
 
 def task_order(runs: list[dict]) -> list[str]:
@@ -63,15 +74,21 @@ def best_amm(runs: list[dict], task: str) -> str | None:
     return max(sorted(val, key=amm_beta), key=lambda m: val[m][0]) if val else None
 
 
-def task_rows(runs: list[dict], task: str) -> list[tuple[str, str, tuple[float, float, int]]]:
-    """(label, trains on, stats) in table order: the baselines, AMM at 0/0.5/1, AMM's best."""
+def task_rows(runs: list[dict], task: str) -> list[tuple[str, str, str, tuple[float, float, int]]]:
+    """(label, trains on, lr, stats) in table order: ammd's methods, AMM at 0/0.5/1, AMM's best
+    beta, then TRL's trainers."""
     test = by_method(runs, task)
-    trains_on = {r["method"]: r["rows"] for r in runs if r["task"] == task}
-    rows = [(m, trains_on[m], test[m]) for m in test
+    mine = [r for r in runs if r["task"] == task]
+    trains_on = {r["method"]: r["rows"] for r in mine}
+    lr = {r["method"]: f"{r['lr']:g}" if "lr" in r else "–" for r in mine}
+    order = sorted(test, key=is_trl)  # stable: ammd's methods first, in the order they ran
+    rows = [(m, trains_on[m], lr[m], test[m]) for m in order
             if amm_beta(m) is None or amm_beta(m) in (0.0, 0.5, 1.0)]
     best = best_amm(runs, task)
     if best is not None:
-        rows.append((f"AMM, best beta on validation ({amm_beta(best):g})", trains_on[best], test[best]))
+        at = next(i for i, r in enumerate(rows) if is_trl(r[0])) if any(is_trl(r[0]) for r in rows) else len(rows)
+        rows.insert(at, (f"AMM, best beta on validation ({amm_beta(best):g})", trains_on[best], lr[best],
+                         test[best]))
     return rows
 
 
@@ -79,12 +96,62 @@ def task_table(runs: list[dict], task: str) -> str:
     mine = [r for r in runs if r["task"] == task]
     metric, n = mine[0]["metric"], len({r["seed"] for r in mine})
     rows = task_rows(runs, task)
-    top = max(s[0] for _, _, s in rows)
+    top = max(s[0] for *_, s in rows)
     teacher, before = stats(r["teacher"] for r in mine), stats(r["student_before"] for r in mine)
-    lines = [f"| Method | Trains on | {metric} ×100, test (mean ± std, {n} seeds) |", "|---|---|---|",
-             f"| Teacher | – | {_fmt(*teacher[:2])} |",
-             f"| Student before distillation | – | {_fmt(*before[:2])} |"]
-    lines += [f"| {label} | {on} | {_fmt(s[0], s[1], bold=s[0] == top)} |" for label, on, s in rows]
+    lines = [f"| Method | Trains on | lr | {metric} ×100, test (mean ± std, {n} seeds) |", "|---|---|---|---|",
+             f"| Teacher | – | – | {_fmt(*teacher[:2])} |",
+             f"| Student before distillation | – | – | {_fmt(*before[:2])} |"]
+    lines += [f"| {label} | {on} | {lr} | {_fmt(s[0], s[1], bold=s[0] == top)} |" for label, on, lr, s in rows]
+    return "\n".join(lines)
+
+
+def lr_table(all_runs: list[dict], task: str, grid: list[float]) -> str:
+    """Validation score of each method at each rate of the grid (first seed); the pick in bold."""
+    mine = [r for r in all_runs if r["task"] == task and "error" not in r]
+    first = min(r["seed"] for r in mine)
+    lines = ["| Method | " + " | ".join(f"lr {g:g}" for g in grid) + " |", "|---" * (1 + len(grid)) + "|"]
+    for m in dict.fromkeys(r["method"] for r in mine):
+        cells = []
+        for g in grid:
+            hit = [r for r in mine if r["method"] == m and r["seed"] == first and r["lr"] == g]
+            cells.append("–" if not hit else f"**{100 * hit[0]['val']:.1f}**" if hit[0].get("selected")
+                         else f"{100 * hit[0]['val']:.1f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parity(runs: list[dict], task: str) -> list[str]:
+    """ammd against TRL: each counterpart pair, and the best of each system.
+
+    "At least as good" means ammd's mean is no lower than TRL's minus the larger of the two
+    spreads over seeds (a gap inside the spread is not a difference)."""
+    test = by_method(runs, task)
+
+    def compare(a: str, b: str) -> str:
+        (ma, sa, _), (mb, sb, _) = test[a], test[b]
+        ok = ma >= mb - max(sa, sb)
+        return (f"{a} {_fmt(ma, sa)} vs {b} {_fmt(mb, sb)}: {100 * (ma - mb):+.1f} points, "
+                f"{'at least as good' if ok else '**worse** beyond the spread'}")
+    lines = [compare(a, b) for a, b in COUNTERPARTS.items() if a in test and b in test]
+    ours = [m for m in test if not is_trl(m)]
+    theirs = [m for m in test if is_trl(m)]
+    if ours and theirs:
+        best = lambda ms: max(ms, key=lambda m: test[m][0])  # noqa: E731
+        lines.append("best: " + compare(best(ours), best(theirs)))
+    return lines
+
+
+def usage_table(runs: list[dict], tasks: list[str]) -> str:
+    """Rows generated / rows trained on, per source: the worst over seeds, per task and method."""
+    lines = ["| task | method | student | teacher | dataset |", "|---|---|---|---|---|"]
+    for task in tasks:
+        for m in dict.fromkeys(r["method"] for r in runs if r["task"] == task and "rollout_usage" in r):
+            use = [r["rollout_usage"] for r in runs if r["task"] == task and r["method"] == m]
+            cells = []
+            for src in ("student", "teacher", "dataset"):
+                ratios = [u[src]["ratio"] for u in use if src in u and u[src]["ratio"] is not None]
+                cells.append(f"{max(ratios):.2f}" if ratios else "–")
+            lines.append(f"| {task} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -169,13 +236,24 @@ def markdown(result: dict, curves_name: str) -> str:
              f"{result['wall_seconds'] / 60:.1f} min on this machine; {len(runs)} runs, tasks "
              f"{', '.join(tasks)}, seeds {seeds}, {', '.join(map(str, steps))} learner steps per run "
              f"(overrides: {' '.join(result['overrides']) or 'none'}). Scores are ×100 on the held-out "
-             f"test split; bold is the best mean among the distilled students."]
+             f"test split; bold is the best mean among the distilled students. Each method's "
+             f"learning rate (lr) was picked on the validation split of seed {seeds[0]} from the grid "
+             f"{result.get('lr_grid', '–')}."]
     for task in tasks:
         parts += [f"#### {task}", task_table(runs, task)]
-    parts += ["#### AMM's beta (0 = on-policy only, 1 = off-policy only)", ablation_table(runs, tasks),
-              f"![D_on, D_off and adversary loss over steps]({curves_name})",
-              "#### Where AMM wins and where it does not (generated)",
-              "\n".join(f"- {verdict(runs, t)}" for t in tasks)]
+        if any(is_trl(r["method"]) for r in runs if r["task"] == task):
+            parts += ["ammd against TRL (generated):\n\n" + "\n".join(f"- {line}" for line in parity(runs, task))]
+    grid = result.get("lr_grid") or []
+    if len(grid) > 1:
+        parts += ["#### Learning-rate search (validation ×100, first seed; bold = picked)"]
+        parts += [f"{task}:\n\n{lr_table(result['runs'], task, grid)}" for task in tasks]
+    if any("rollout_usage" in r for r in runs):
+        parts += ["#### Rows generated / rows trained on, per source (worst seed)", usage_table(runs, tasks)]
+    if any(amm_beta(r["method"]) is not None for r in runs):
+        parts += ["#### AMM's beta (0 = on-policy only, 1 = off-policy only)", ablation_table(runs, tasks),
+                  f"![D_on, D_off and adversary loss over steps]({curves_name})",
+                  "#### Where AMM wins and where it does not (generated)",
+                  "\n".join(f"- {verdict(runs, t)}" for t in tasks)]
     if failed:
         parts += ["#### Failed runs (left out of the tables)",
                   "\n".join(f"- {r['task']} seed {r['seed']} {r['method']}: {r['error']}" for r in failed)]

@@ -34,7 +34,7 @@ def test_stats_match_numpy():
 
 def test_best_beta_is_picked_on_validation_not_test(runs):
     assert qr.best_amm(runs, "a") == "AMM (beta=1)"
-    labels = [label for label, _, _ in qr.task_rows(runs, "a")]
+    labels = [label for label, *_ in qr.task_rows(runs, "a")]
     assert labels[-1] == "AMM, best beta on validation (1)"
 
 
@@ -42,7 +42,49 @@ def test_table_bolds_only_the_best_mean(runs):
     table = qr.task_table(runs, "a")
     bold = [line for line in table.splitlines() if "**" in line]
     assert len(bold) == 1 and bold[0].startswith("| AMM (beta=0.5)")
-    assert "| Teacher | – | 90.0 ± 0.0 |" in table
+    assert "| Teacher | – | – | 90.0 ± 0.0 |" in table
+
+
+def with_trl(runs, sft_gap=0.0):
+    """The fixture's runs plus TRL's SFT and GKD runs and ammd's GKD mix (lr 1e-3 picked)."""
+    out = [dict(r, lr=1e-3, selected=True) for r in runs]
+    for seed, noise in enumerate((-0.01, 0.0, 0.01)):
+        out += [dict(run("a", seed, "TRL SFTTrainer", 0.55 + sft_gap + noise, 0.5, rows="dataset"), lr=3e-3),
+                dict(run("a", seed, "GKD mix (JSD 0.5, student + dataset)", 0.62 + noise, 0.6), lr=1e-3),
+                dict(run("a", seed, "TRL GKDTrainer (lambda 0.5, beta 0.5)", 0.63 + noise, 0.6), lr=1e-3)]
+    return out
+
+
+def test_parity_holds_within_the_spread_and_fails_beyond_it(runs):
+    lines = qr.parity(with_trl(runs), "a")
+    sft = next(line for line in lines if line.startswith("SFT "))
+    gkd = next(line for line in lines if line.startswith("GKD mix"))
+    assert "at least as good" in sft and "at least as good" in gkd  # -1 point, spread 1 point
+    assert lines[-1].startswith("best: AMM (beta=0.5)") and "TRL GKDTrainer" in lines[-1]
+    worse = qr.parity(with_trl(runs, sft_gap=0.05), "a")
+    assert "**worse**" in next(line for line in worse if line.startswith("SFT "))
+    rows = qr.task_rows(with_trl(runs), "a")
+    assert [r[0] for r in rows][-2:] == ["TRL SFTTrainer", "TRL GKDTrainer (lambda 0.5, beta 0.5)"]
+    assert rows[0][2] == "0.001"  # the lr column
+
+
+def test_lr_search_table_and_picked_runs_only():
+    from bench.quality import pick_lrs
+    grid = [run("a", 0, "FKL", 0.9, val, rows="mixed") | {"lr": lr}
+            for lr, val in ((3e-4, 0.5), (1e-3, 0.7), (3e-3, 0.7))]
+    assert pick_lrs(grid, ["FKL"]) == {"FKL": 1e-3}  # a tie goes to the smaller rate
+    for r in grid:
+        r["selected"] = r["lr"] == 1e-3
+    assert [r["lr"] for r in qr.completed({"runs": grid})] == [1e-3]
+    table = qr.lr_table(grid, "a", [3e-4, 1e-3, 3e-3])
+    assert "| FKL | 50.0 | **70.0** | 70.0 |" in table
+
+
+def test_usage_table_shows_the_worst_seed():
+    runs = [run("a", s, "FKL", 0.5, 0.5) | {"rollout_usage": {
+        "student": {"generated": g, "trained": 100, "ratio": g / 100},
+        "teacher": {"generated": 100, "trained": 100, "ratio": 1.0}}} for s, g in enumerate((100, 112))]
+    assert "| a | FKL | 1.12 | 1.00 | – |" in qr.usage_table(runs, ["a"])
 
 
 def test_verdict_compares_against_the_spread(runs):
