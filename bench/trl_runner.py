@@ -14,6 +14,7 @@ with the same greedy decoding as every ammd method.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -83,15 +84,16 @@ def ensure_trl_venv(log: Callable[[str], None] = print) -> Path:
 
 def run_trl(method: str, *, student: str, teacher: str, train: str, lr: float, steps: int,
             batch: int, max_new_tokens: int, temperature: float, seed: int, out: Path,
-            log: Callable[[str], None] = print, threads: int = 2) -> dict[str, Any]:
+            log: Callable[[str], None] = print, threads: int = 1) -> dict[str, Any]:
     """Train the student with TRL ``method`` (a value of ``TRL_METHODS``) in the TRL venv.
 
     The final student is saved at ``out`` (an HF model directory). Returns the script's
     ``trl_run.json`` plus ``"model_dir": str(out)``. Raises RuntimeError with the tail of the
     script's output (all of it is kept in ``out/trl_stdout.log``) if it fails.
 
-    ``threads`` sets OMP_NUM_THREADS. On 2 cores that other work also uses, 2 threads ran
-    20-50x slower than 1 (OpenMP barriers wait on a descheduled thread): pass 1 there.
+    ``threads`` sets OMP_NUM_THREADS. The default 1 matches ammd's learner (``learner.threads``);
+    on 2 cores that other work also uses, 2 threads ran 10-50x slower than 1 (OpenMP barriers
+    wait on a descheduled thread), with identical results.
     """
     if method not in TRL_METHODS.values():
         raise ValueError(f"unknown TRL method {method!r}; choose from {sorted(TRL_METHODS.values())}")
@@ -117,8 +119,6 @@ def run_trl(method: str, *, student: str, teacher: str, train: str, lr: float, s
         rc = proc.wait()
     if rc != 0 or not (out / "trl_run.json").exists():
         raise RuntimeError(f"TRL {method} failed (exit {rc}); log {out / 'trl_stdout.log'}:\n{''.join(tail)}")
-    import json
-
     return {**json.loads((out / "trl_run.json").read_text()), "model_dir": str(out)}
 
 
