@@ -76,3 +76,12 @@ def test_demand_sizes():
     d = Demand(16, 8, steps_left=100, window=2, min_version=0, uses_off=3)
     assert d.on_policy_rows(0, 0) == 32                          # capped by freshness
     assert d.off_policy_rows(servings=0, inflight_rows=0) == 22  # ceil(64 / 3)
+
+
+def test_prompt_stream_serves_every_item_once_per_epoch():
+    from cluster.rollouts import item_stream, next_n
+    stream = item_stream(list(range(10)), seed=4)
+    epochs = [next_n(stream, 10) for _ in range(3)]
+    assert all(sorted(e) == list(range(10)) for e in epochs)
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+    assert next_n(item_stream(list(range(10)), seed=4), 10) == epochs[0]  # seeded
