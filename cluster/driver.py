@@ -250,10 +250,12 @@ def _train(trainer: Trainer, train, references, evals, tokenizer) -> None:
     log_every = max(1, cfg.learner.steps // 20)
     while trainer.step < cfg.learner.steps:
         pump.top_up(trainer.demand())
-        pump.poll()
+        # No poll between top_up and wait_one: a request collected there (e.g. one that landed
+        # stale just after a push) would leave wait_one nothing to wait for.
         if not trainer.try_step():
             pump.wait_one()
             continue
+        pump.poll()
         if trainer.step % cfg.learner.sync_every == 0:
             trainer.push_weights()
         if cfg.learner.save_every and trainer.step % cfg.learner.save_every == 0:
