@@ -65,8 +65,12 @@ def init_ray(cfg: JobConfig) -> None:
         # a token into ~/.ray for nothing, so it is off unless the user set RAY_AUTH_MODE.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         need = cfg.rollout.student_actors + cfg.rollout.teacher_actors + cfg.learner.actors
-        ray.init(num_cpus=cfg.ray.num_cpus or max(need, os.cpu_count() or 1),
+        # address="local": a new cluster even where a ray_current_cluster file (stale, or of a
+        # `ray start` head) would make ray.init join it or fail on num_cpus.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(need, os.cpu_count() or 1),
                  include_dashboard=False, log_to_driver=True)
+        from cluster.reaper import start_reaper
+        start_reaper()  # kills this cluster's processes if the driver dies without shutdown
 
 
 class Trainer:
