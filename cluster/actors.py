@@ -21,6 +21,9 @@ from learner.learner_actor import LearnerWorker, node_address
 from rollout.actors import RolloutWorker
 from services.replay_buffer import ReplayBuffer
 
+# ``ping`` runs in a thread of its own, so an actor answers while it works (cluster.supervisor).
+HEALTH_GROUP = {"health": 1}
+
 # Variables worth forwarding from the driver's environment when the user set them.
 _PASS_THROUGH = ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE")
 
@@ -97,7 +100,9 @@ def _rollout(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, index: 
             logprobs_mode="processed_logprobs" if role == "student" else "raw_logprobs")
     else:
         engine_options["device"] = "cuda" if r.gpus_per_actor > 0 else "cpu"
-    cls = ray.remote(RolloutWorker).options(
+    # max_restarts=0: a lost rollout actor is replaced by the driver (cluster.supervisor), which
+    # also reloads its weights and sends its request again; Ray's own restart would do neither.
+    cls = ray.remote(concurrency_groups=HEALTH_GROUP)(RolloutWorker).options(
         name=None, num_cpus=1, num_gpus=r.gpus_per_actor,
         runtime_env=actor_env(r.threads), max_restarts=0)
     return cls.remote(role, r.engine, model_dir, max_response_tokens=cfg.data.max_response_tokens,
@@ -112,7 +117,7 @@ def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: st
     pg = placement_group([{"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}] * lc.actors, strategy="PACK")
     ray.get(pg.ready(), timeout=600)
     extra = {"DS_ACCELERATOR": "cpu"} if lc.device == "cpu" else {}
-    cls = ray.remote(LearnerWorker)
+    cls = ray.remote(concurrency_groups=HEALTH_GROUP)(LearnerWorker)
     master = ray.get(ray.remote(node_address).options(
         num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
     ).remote())
@@ -124,6 +129,14 @@ def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: st
             rank, lc.actors, master, student_dir, lc.model_dump(), cfg.loss.model_dump(),
             cfg.seed, pair.pad_id, lc.threads, teacher_dir))
     return learners, pg
+
+
+def rollout_factory(cfg: JobConfig, pair: ModelPair):
+    """(role, index) -> a new rollout actor with the job's settings (for restarts)."""
+    def make(role: str, index: int):
+        model = cfg.models.student if role == "student" else cfg.models.teacher
+        return _rollout(cfg, role, model, pair, index)
+    return make
 
 
 def start_rollouts(cfg: JobConfig, pair: ModelPair) -> Rollouts:
@@ -139,14 +152,16 @@ def stop_rollouts(rollouts: Rollouts) -> None:
         ray.kill(actor)
 
 
-def start_actors(cfg: JobConfig, pair: ModelPair, rollouts: Rollouts | None = None) -> Actors:
+def start_actors(cfg: JobConfig, pair: ModelPair, rollouts: Rollouts | None = None,
+                 spill_dir: str | None = None) -> Actors:
     """Start the buffer, the learner group and (unless given) the rollout actors; wait for all.
 
     The models are ``cfg.models.teacher`` / ``cfg.models.student`` (local directories or hub ids).
+    ``spill_dir``: where the buffer seals its segments (it recovers what a manifest there names).
     """
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
-        cfg.buffer.capacity_rows, cfg.seed, cfg.buffer.spill_dir,
-        cfg.buffer.on_policy_uses, cfg.buffer.off_policy_uses)
+        cfg.buffer.capacity_rows, cfg.seed, spill_dir,
+        cfg.buffer.on_policy_uses, cfg.buffer.off_policy_uses, run_name=cfg.name)
     owns = rollouts is None
     if owns:
         rollouts = start_rollouts(cfg, pair)

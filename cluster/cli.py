@@ -1,24 +1,32 @@
 """The ``ammd`` command.
 
-  ammd run CONFIG [a.b=c ...]     run a distillation job (embedded Ray, or the cluster in
-                                  RAY_ADDRESS / ray.address, e.g. under `ray job submit`)
+  ammd run CONFIG [a.b=c ...] [--resume]
+                                  run a distillation job (embedded Ray, or the cluster in
+                                  RAY_ADDRESS / ray.address, e.g. under `ray job submit`);
+                                  --resume continues runs/<name> from its newest checkpoint
+  ammd export RUN_OR_CHECKPOINT --out DIR
+                                  write a checkpoint's student as a Hugging Face model dir
   ammd check CONFIG [a.b=c ...]   validate the config, models and data, start nothing
   ammd toy [--root DIR]           build (or find cached) the tiny teacher, student and data
 
-User errors (config, data, models) end in one line on stderr and exit code 2.
+User errors (config, data, models, checkpoints) end in one line on stderr and exit code 2; a
+job that loses an actor it cannot replace ends in one line and exit code 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
+from cluster.checkpoint import CheckpointError
 from cluster.config import ConfigError, load_config
 from cluster.data import DataError
 from cluster.models import ModelError
+from cluster.supervisor import ActorLostError
 
-USER_ERRORS = (ConfigError, DataError, ModelError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +36,14 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         s.add_argument("config", help="YAML config, e.g. configs/local-cpu.yaml")
         s.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. learner.steps=50")
+        if name == "run":
+            s.add_argument("--resume", action="store_true",
+                           help="continue runs/<name> from its newest complete checkpoint")
+    e = sub.add_parser("export", help="write a checkpoint's student as a Hugging Face model dir")
+    e.add_argument("path", help="a run directory (its newest checkpoint) or one checkpoint directory")
+    e.add_argument("--out", required=True, help="the model directory to write")
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: the checkpoint's rollout.dtype)")
     t = sub.add_parser("toy", help="build the tiny toy teacher, student and data (cached)")
     t.add_argument("--root", default="artifacts/toy")
     t.add_argument("--task", default="sort")
@@ -52,12 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             from cluster.driver import run_job
-            report = run_job(load_config(args.config, args.overrides))
+            hint = shlex.join(["ammd", "run", args.config, *args.overrides, "--resume"])
+            report = run_job(load_config(args.config, args.overrides), resume=args.resume, resume_hint=hint)
             keys = ("metric", "teacher_score", "student_score_before", "student_score_after",
-                    "final_weight_version", "rows_by_source", "rollout_usage", "wall_seconds")
+                    "final_weight_version", "student_dir", "rows_by_source", "rollout_usage", "restarts",
+                    "wall_seconds")
             print(json.dumps({k: report[k] for k in keys}, indent=2))
         elif args.command == "check":
             _check(args.config, args.overrides)
+        elif args.command == "export":
+            from cluster.export import export_checkpoint
+            print(export_checkpoint(args.path, args.out, args.dtype))
         else:
             from tasks.build import build_toy_world
             world = build_toy_world(Path(args.root), task=args.task, seed=args.seed)
@@ -65,12 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"ammd: error: {err}", file=sys.stderr)
         return 2
+    except ActorLostError as err:
+        print(f"ammd: error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:
         import ray
         if not isinstance(err, ray.exceptions.RayActorError):
             raise
-        # Restarting dead rollout actors is the driver's job in a later version; until then
-        # the job stops with a line that says which kind of actor died, not a wall of Ray text.
+        # The driver names the actor it lost (ActorLostError); anything Ray raises past it
+        # still ends in one line, not a wall of Ray text.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"ammd: error: a Ray actor died during the job ({first}); its log is above", file=sys.stderr)
         return 1

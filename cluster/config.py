@@ -59,6 +59,9 @@ class RolloutConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gpus_per_actor: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1, description="torch/OpenMP threads per rollout actor on CPU")
+    max_restarts: int = Field(3, ge=0, description="restarts of one lost rollout actor allowed within "
+                                                   "restart_window_s before the job fails")
+    restart_window_s: float = Field(3600.0, gt=0)
     off_policy: Literal["teacher", "dataset"] = Field(
         "teacher", description="off-policy rows: the teacher's samples, or the training file's own "
                                "responses scored by the teacher (SFT and ground-truth KD)")
@@ -68,7 +71,9 @@ class BufferConfig(_Strict):
     capacity_rows: int = Field(100_000, gt=0)
     on_policy_fraction: float = Field(0.5, ge=0, le=1)
     max_staleness: int = Field(1, ge=0, description="weight versions an on-policy row may lag; 0 = synchronous")
-    spill_dir: Optional[str] = Field(None, description="write sealed segments as Arrow IPC here")
+    spill: bool = Field(True, description="seal every appended batch on disk (Arrow IPC), so a "
+                                          "restarted buffer recovers the acknowledged rows")
+    spill_dir: Optional[str] = Field(None, description="where; None = <output_dir>/<name>/buffer")
     on_policy_uses: int = Field(1, ge=1, description="times a student row may be trained on")
     off_policy_uses: int = Field(1, ge=1, description="times a teacher/dataset row may be trained on "
                                                      "(1 = every row distinct, as in TRL)")
@@ -90,7 +95,8 @@ class LearnerConfig(_Strict):
     micro_batch: int = Field(8, ge=1, description="rows per learner actor per step")
     steps: int = Field(300, ge=1)
     sync_every: int = Field(10, ge=1)
-    save_every: int = Field(0, ge=0, description="0 = no checkpoints")
+    save_every: int = Field(100, ge=0, description="steps between checkpoints (and at the end); 0 = none")
+    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted")
     gradient_checkpointing: bool = False
     weight_transport: Literal["object_store"] = "object_store"
     bucket_mib: int = Field(64, ge=1)
@@ -131,6 +137,8 @@ class StatusConfig(_Strict):
 class RayConfig(_Strict):
     address: Optional[str] = Field(None, description="None = embedded ray.init; 'auto' or ray://... = connect")
     num_cpus: Optional[int] = Field(None, ge=1, description="for the embedded cluster only")
+    actor_timeout_s: float = Field(600.0, gt=0, description="longest wait for any actor's answer; "
+                                                            "past it the job fails naming the actor")
 
 
 class JobConfig(_Strict):

@@ -8,28 +8,35 @@ Loop (one learner step per iteration):
   3. every learner rank trains on its share of the batch (one DeepSpeed step);
   4. every sync_every steps: rank 0 packs the weights, the student actors load them as
      version v+1 (queued behind their current request; the driver does not wait).
-After the last step the weights are pushed once more, so the final evaluation sees them.
+After the last step the weights are pushed once more, so the final evaluation sees them, and
+the student is written to ``<output_dir>/<name>/student`` as a Hugging Face model directory.
+Every ``save_every`` steps (and after the last) a checkpoint is written whole
+(cluster.checkpoint); ``resume=True`` continues from the newest one. A rollout actor that dies
+is restarted and its request sent again (cluster.supervisor); a learner rank or the buffer
+that dies fails the job with the command that resumes it.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-import numpy as np
 import ray
 
-from cluster.actors import Actors, Rollouts, start_actors, stop_actors
+from cluster import checkpoint
+from cluster.actors import Actors, Rollouts, rollout_factory, start_actors, stop_actors
 from cluster.config import JobConfig
 from cluster.data import load_prompts, reference_rows
 from cluster.evaluate import greedy_score
 from cluster.models import check_models
 from cluster.report import write_report
-from cluster.rollouts import Demand, RolloutPump, item_stream, prompt_stream
+from cluster.rollouts import RolloutPump, item_stream, prompt_stream
+from cluster.supervisor import Supervisor
+from cluster.trainer import Trainer
+from services.replay_buffer import copy_snapshot
 from services.status import JobStatus, StatusServer
-
-MAX_NONFINITE_STEPS = 3
 
 
 def log(msg: str) -> None:
@@ -73,99 +80,15 @@ def init_ray(cfg: JobConfig) -> None:
         start_reaper()  # kills this cluster's processes if the driver dies without shutdown
 
 
-class Trainer:
-    """The learner side of the loop: sampling, stepping all ranks, pushing weights."""
-
-    def __init__(self, cfg: JobConfig, actors: Actors, status: JobStatus):
-        self.cfg, self.actors, self.status = cfg, actors, status
-        self.version = 0
-        self.step = 0
-        self.history: list[dict[str, float]] = []
-        self.tokens = 0
-        self.train_seconds = 0.0
-        self.nonfinite_in_a_row = 0
-        self.max_lag = 0
-        self.evals: list[dict] = []
-        self.global_batch = cfg.learner.micro_batch * cfg.learner.actors
-        self.n_on = int(round(self.global_batch * cfg.buffer.on_policy_fraction))
-
-    @property
-    def min_version(self) -> int:
-        return self.version - self.cfg.buffer.max_staleness
-
-    def demand(self) -> Demand:
-        """What the remaining steps will train on. A student row sampled now carries version v
-        and stays usable until the push of v + max_staleness + 1: ``window`` more steps."""
-        b, lc = self.cfg.buffer, self.cfg.learner
-        window = (b.max_staleness + 1) * lc.sync_every - self.step % lc.sync_every
-        return Demand(self.n_on, self.global_batch - self.n_on, lc.steps - self.step, window,
-                      self.min_version, b.on_policy_uses, b.off_policy_uses)
-
-    def try_step(self) -> bool:
-        """One learner step if the buffer can serve a batch; False if it cannot yet."""
-        table = ray.get(self.actors.buffer.sample.remote(
-            self.global_batch, self.cfg.buffer.on_policy_fraction, self.min_version))
-        if table is None:
-            return False
-        self._note_lag(table)
-        t0 = time.time()
-        ref = ray.put(table)
-        results = ray.get([l.train_step.remote(ref) for l in self.actors.learners])
-        self.train_seconds += time.time() - t0
-        if any(r["skipped_nonfinite"] for r in results):
-            self.nonfinite_in_a_row += 1
-            log(f"step {self.step + 1}: non-finite loss, step skipped on every rank")
-            if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
-                raise FloatingPointError(f"loss was NaN/inf for {MAX_NONFINITE_STEPS} steps in a row; "
-                                         f"lower learner.lr or check the teacher signal")
-            return True
-        self.nonfinite_in_a_row = 0
-        self.step += 1
-        self.tokens += int(sum(r["tokens"] for r in results))
-        keys = set().union(*results) - {"tokens", "seconds", "skipped_nonfinite"}
-        merged = {k: float(np.mean([r[k] for r in results if k in r])) for k in sorted(keys)}
-        self.history.append({"step": self.step, **merged})
-        self.status.record_loss(self.step, merged)
-        return True
-
-    def save(self, root: Path) -> None:
-        """A DeepSpeed checkpoint of every rank (model, optimiser, objective state)."""
-        client_state = {"step": self.step, "weight_version": self.version}
-        tags = ray.get([l.save.remote(str(root), client_state) for l in self.actors.learners])
-        log(f"checkpoint {root / tags[0]}")
-
-    def _note_lag(self, table) -> None:
-        """Track how many weight versions the oldest on-policy row of a batch lags behind."""
-        versions = [v for v, s in zip(table.column("policy_version").to_pylist(),
-                                      table.column("source").to_pylist()) if s == "student"]
-        if versions:
-            self.max_lag = max(self.max_lag, self.version - min(versions))
-
-    def push_weights(self, version: int | None = None) -> None:
-        """Pack weights on rank 0 (all ranks enter, for ZeRO-3) and queue the load on students.
-
-        The students load them as ``version`` (default: the next one). A student actor runs its
-        calls in order, so anything asked of it after this sees the new weights.
-        """
-        lc = self.cfg.learner
-        refs = [l.export_weights.remote(lc.weight_transport, lc.bucket_mib, self.cfg.rollout.dtype)
-                for l in self.actors.learners]
-        payload = refs[0]  # rank 0's buckets; Ray hands them to the students without the driver
-        ray.get(refs[1:])  # the other ranks only took part in the gather
-        self.version = self.version + 1 if version is None else version
-        for student in self.actors.students:
-            student.load_weights.remote(payload, self.version)
-
-    def learner_tokens_per_s(self) -> float:
-        return self.tokens / max(self.train_seconds, 1e-9)
-
-
-def run_job(cfg: JobConfig, rollouts: Rollouts | None = None) -> dict[str, Any]:
+def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = False,
+            resume_hint: Optional[str] = None) -> dict[str, Any]:
     """Run one distillation job to the end and return its report.
 
     ``rollouts``: rollout actors started by the caller (``cluster.actors.start_rollouts``) for a
     sweep of jobs on one model pair; the job resets their student weights to its own initial
     ones and leaves them running. By default the job starts and stops its own.
+    ``resume``: continue ``<output_dir>/<name>`` from its newest complete checkpoint.
+    ``resume_hint``: the command that resumes this job, quoted when it fails.
     """
     started = time.time()
     cfg = resolve_inputs(cfg)
@@ -179,48 +102,58 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None) -> dict[str, Any]:
         references = reference_rows(train, pair.tokenizer, pair.stop_token_ids[0],
                                     cfg.data.max_response_tokens, cfg.data.train)
     log(f"{len(train)} training prompts, {len(evals)} evaluation prompts, metric {cfg.eval.metric}")
+    run_dir = Path(cfg.output_dir).resolve() / cfg.name
+    fingerprints = {"teacher": checkpoint.fingerprint(cfg.models.teacher),
+                    "student": checkpoint.fingerprint(cfg.models.student)}
+    saved, resume_from = None, None
+    if resume:
+        resume_from = checkpoint.find_resumable(run_dir)
+        saved = checkpoint.load_state(resume_from)
+        checkpoint.check_compatible(saved, cfg.model_dump(), fingerprints)
+        log(f"resuming from {resume_from} (step {saved['trainer']['step']} of {cfg.learner.steps})")
+    spill_dir = _prepare_spill(cfg, run_dir, resume_from)
 
     init_ray(cfg)
-    status = JobStatus(cfg.name, cfg.learner.steps)
+    status = JobStatus(cfg.name, cfg.learner.steps, actor_timeout_s=cfg.ray.actor_timeout_s)
     server = StatusServer(status, cfg.status.host, cfg.status.port).start() if cfg.status.enabled else None
     if server:
         log(f"status at {server.url}/status")
-    out_dir = Path(cfg.output_dir) / cfg.name
     actors = None
     try:
         log("starting actors (buffer, rollout engines, learner group)")
-        actors = start_actors(cfg, pair, rollouts)
-        trainer = Trainer(cfg, actors, status)
-        trainer.push_weights(version=0)  # the students start from the learner's weights
-        status.update(state="evaluating", actors={n: {"state": "starting", "last_seen_s": None}
-                                                  for n in _actor_names(actors)})
-        teacher_eval = greedy_score(actors.teachers[0], evals, pair.tokenizer, cfg.eval.metric)
-        before = greedy_score(actors.students[0], evals, pair.tokenizer, cfg.eval.metric)
-        log(f"before training: teacher {teacher_eval['score']:.3f}, student {before['score']:.3f}")
-        _train(trainer, train, references, evals, pair.tokenizer)
-        after = greedy_score(actors.students[0], evals, pair.tokenizer, cfg.eval.metric)
-        log(f"after training: student {after['score']:.3f} (was {before['score']:.3f}, "
-            f"teacher {teacher_eval['score']:.3f})")
-        buffer_stats = ray.get(actors.buffer.stats.remote())
-        report = {
-            "name": cfg.name, "metric": cfg.eval.metric,
-            "teacher_score": teacher_eval["score"], "student_score_before": before["score"],
-            "student_score_after": after["score"], "steps": trainer.step,
-            "final_weight_version": trainer.version, "rows_by_source": buffer_stats["rows_by_source"],
-            "max_on_policy_lag": trainer.max_lag, "evals": trainer.evals,
-            "rollout_usage": trainer.pump.usage(buffer_stats["served_by_source"]),
-            "wall_seconds": time.time() - started,
-            "rollout_tokens_per_s": trainer.pump.tokens_per_s(),
-            "learner_tokens_per_s": trainer.learner_tokens_per_s(),
-            "history": trainer.history, "examples_after": after["examples"],
-            "config": cfg.model_dump(),
-        }
-        path = write_report(out_dir, report)
+        actors = start_actors(cfg, pair, rollouts, spill_dir)
+        trainer = Trainer(cfg, actors, status, run_dir, resume_hint or "ammd run CONFIG --resume", log)
+        supervisor = Supervisor(actors, rollout_factory(cfg, pair), trainer.weights,
+                                max_restarts=cfg.rollout.max_restarts, window_s=cfg.rollout.restart_window_s,
+                                timeout_s=cfg.ray.actor_timeout_s, log=log)
+        pump = RolloutPump(actors.students, actors.teachers, actors.buffer, prompt_stream(train, cfg.seed),
+                           item_stream(references, cfg.seed + 1) if references else None,
+                           batch_size=cfg.rollout.prompts_per_batch, supervisor=supervisor,
+                           timeout_s=cfg.ray.actor_timeout_s)
+        if saved is not None:
+            trainer.restore(resume_from, saved)
+            pump.restore(saved["pump"])
+            trainer.push_weights(version=trainer.version)  # the restored weights, under their version
+        else:
+            trainer.push_weights(version=0)  # the students start from the learner's weights
+            status.update(state="evaluating")
+            trainer.scores = {"teacher": _score(trainer, supervisor, evals, pair.tokenizer, "teacher")["score"],
+                              "before": _score(trainer, supervisor, evals, pair.tokenizer)["score"]}
+        log(f"before training: teacher {trainer.scores['teacher']:.3f}, student {trainer.scores['before']:.3f}")
+        _train(trainer, pump, supervisor, evals, pair.tokenizer, {"config": cfg.model_dump(),
+                                                                 "fingerprints": fingerprints})
+        after = _score(trainer, supervisor, evals, pair.tokenizer)
+        log(f"after training: student {after['score']:.3f} (was {trainer.scores['before']:.3f}, "
+            f"teacher {trainer.scores['teacher']:.3f})")
+        student_dir = trainer.export_student(run_dir / "student")
+        log(f"student written to {student_dir}")
+        report = _report(cfg, trainer, pump, supervisor, after, student_dir, started)
+        path = write_report(run_dir, report)
         status.update(state="finished")
         log(f"report written to {path}")
         return report
-    except BaseException:
-        status.update(state="failed")
+    except BaseException as err:
+        status.update(state="failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
         if actors is not None:
@@ -229,29 +162,74 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None) -> dict[str, Any]:
             server.stop()
 
 
-def _actor_names(actors: Actors) -> list[str]:
-    return ([f"student-{i}" for i in range(len(actors.students))] +
-            [f"teacher-{i}" for i in range(len(actors.teachers))] +
-            [f"learner-{i}" for i in range(len(actors.learners))] + ["buffer"])
+def _prepare_spill(cfg: JobConfig, run_dir: Path, resume_from: Optional[Path]) -> Optional[str]:
+    """The buffer's directory: emptied for a new job, the checkpoint's buffer for a resume."""
+    if not cfg.buffer.spill and resume_from is None:
+        return None
+    where = Path(cfg.buffer.spill_dir).resolve() if cfg.buffer.spill_dir else run_dir / "buffer"
+    shutil.rmtree(where, ignore_errors=True)
+    if resume_from is not None:
+        # Linked, not rebuilt in place: the checkpoint's own copy must stay as it was.
+        copy_snapshot(str(resume_from / "buffer"), str(where))
+    return str(where)
 
 
-def _evaluate_during(trainer: Trainer, evals, tokenizer, status: JobStatus) -> None:
+def _score(trainer: Trainer, supervisor: Supervisor, evals, tokenizer, role: str = "student") -> dict:
+    """Greedy score of student-0 (or teacher-0); a lost actor is restarted and asked again."""
+    name = f"{role}-0"
+    group = trainer.actors.students if role == "student" else trainer.actors.teachers
+    try:
+        return greedy_score(group[0], evals, tokenizer, trainer.cfg.eval.metric)
+    except ray.exceptions.RayActorError as err:
+        supervisor.recover([name], err)
+        return greedy_score(group[0], evals, tokenizer, trainer.cfg.eval.metric)
+
+
+def _report(cfg: JobConfig, trainer: Trainer, pump: RolloutPump, supervisor: Supervisor, after: dict,
+            student_dir: Path, started: float) -> dict:
+    buffer_stats = trainer.wait(trainer.actors.buffer.stats.remote(), "the replay buffer")
+    return {
+        "name": cfg.name, "metric": cfg.eval.metric,
+        "teacher_score": trainer.scores["teacher"], "student_score_before": trainer.scores["before"],
+        "student_score_after": after["score"], "steps": trainer.step,
+        "final_weight_version": trainer.version, "student_dir": str(student_dir),
+        "last_checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
+        "rows_by_source": buffer_stats["rows_by_source"],
+        "buffer_appended_by_source": buffer_stats["appended_by_source"],
+        "max_on_policy_lag": trainer.max_lag, "evals": trainer.evals,
+        "rollout_usage": pump.usage(buffer_stats["served_by_source"]),
+        "restarts": supervisor.restart_counts(),
+        "wall_seconds": time.time() - started,
+        "rollout_tokens_per_s": pump.tokens_per_s(),
+        "learner_tokens_per_s": trainer.learner_tokens_per_s(),
+        "history": trainer.history, "examples_after": after["examples"],
+        "config": cfg.model_dump(),
+    }
+
+
+def _evaluate_during(trainer: Trainer, supervisor: Supervisor, evals, tokenizer) -> None:
     """Score the student actor's current weights (the last pushed version) on held-out prompts."""
-    result = greedy_score(trainer.actors.students[0], evals, tokenizer, trainer.cfg.eval.metric)
+    result = _score(trainer, supervisor, evals, tokenizer)
     trainer.evals.append({"step": trainer.step, "weight_version": trainer.version, "score": result["score"]})
-    status.update(evals=trainer.evals)
+    trainer.status.update(evals=trainer.evals)
     log(f"step {trainer.step}: student {trainer.cfg.eval.metric} {result['score']:.3f} "
         f"(weight version {trainer.version})")
 
 
-def _train(trainer: Trainer, train, references, evals, tokenizer) -> None:
-    cfg, actors, status = trainer.cfg, trainer.actors, trainer.status
-    pump = RolloutPump(actors.students, actors.teachers, actors.buffer, prompt_stream(train, cfg.seed),
-                       item_stream(references, cfg.seed + 1) if references else None,
-                       batch_size=cfg.rollout.prompts_per_batch)
-    trainer.pump = pump
+def _checkpoint(trainer: Trainer, pump: RolloutPump, extra: dict) -> None:
+    """Drain the rollouts (so the buffer and the prompt streams agree), make sure the rollout
+    actors hold exactly the learner's weights, then save everything."""
+    pump.drain()
+    if trainer.pushed_at != trainer.step:
+        trainer.push_weights()
+    trainer.save(pump.state(), extra)
+
+
+def _train(trainer: Trainer, pump: RolloutPump, supervisor: Supervisor, evals, tokenizer, extra: dict) -> None:
+    cfg, status = trainer.cfg, trainer.status
     status.update(state="training")
     log_every = max(1, cfg.learner.steps // 20)
+    save_every = cfg.learner.save_every
     while trainer.step < cfg.learner.steps:
         pump.top_up(trainer.demand())
         # No poll between top_up and wait_one: a request collected there (e.g. one that landed
@@ -262,11 +240,11 @@ def _train(trainer: Trainer, train, references, evals, tokenizer) -> None:
         pump.poll()
         if trainer.step % cfg.learner.sync_every == 0:
             trainer.push_weights()
-        if cfg.learner.save_every and trainer.step % cfg.learner.save_every == 0:
-            trainer.save(Path(cfg.output_dir).resolve() / cfg.name / "checkpoints")
         if cfg.eval.every and trainer.step % cfg.eval.every == 0:
-            _evaluate_during(trainer, evals, tokenizer, status)
-        _publish(trainer, pump, status)
+            _evaluate_during(trainer, supervisor, evals, tokenizer)
+        if save_every and (trainer.step % save_every == 0 or trainer.step == cfg.learner.steps):
+            _checkpoint(trainer, pump, extra)  # after the evaluation, so it holds that score
+        _publish(trainer, pump, supervisor)
         if trainer.step % log_every == 0 or trainer.step == cfg.learner.steps:
             last = trainer.history[-1] if trainer.history else {}
             log(f"step {trainer.step}/{cfg.learner.steps} loss {last.get('loss', float('nan')):.4f} "
@@ -274,18 +252,15 @@ def _train(trainer: Trainer, train, references, evals, tokenizer) -> None:
                 f"learner {trainer.learner_tokens_per_s():.0f} tok/s lr {last.get('lr', float('nan')):.2e} "
                 f"rows made {pump.rows}")
     pump.drain()
-    if trainer.step % cfg.learner.sync_every != 0:
+    if trainer.pushed_at != trainer.step:  # the final evaluation and export see the last step
         trainer.push_weights()
 
 
-def _publish(trainer: Trainer, pump: RolloutPump, status: JobStatus) -> None:
-    # Learner ranks answered this step (a step waits on every rank); rollout actors report
-    # when their last request landed, so a hung engine shows as a growing last_seen_s.
-    actors = {f"learner-{i}": {"state": "alive", "last_seen_s": 0.0} for i in range(len(trainer.actors.learners))}
-    actors.update(pump.health())
-    actors["buffer"] = {"state": "alive", "last_seen_s": 0.0}
-    buffer = ray.get(trainer.actors.buffer.stats.remote())
-    status.update(actors=actors, step=trainer.step, weight_version=trainer.version, buffer=buffer,
-                  rollout_usage=pump.usage(buffer["served_by_source"]),
-                  rollout_tokens_per_s=pump.tokens_per_s(),
-                  learner_tokens_per_s=trainer.learner_tokens_per_s())
+def _publish(trainer: Trainer, pump: RolloutPump, supervisor: Supervisor) -> None:
+    # Liveness from real answers: every actor is pinged and its last answer timed.
+    supervisor.probe()
+    buffer = trainer.wait(trainer.actors.buffer.stats.remote(), "the replay buffer")
+    trainer.status.update(actors=supervisor.health(), step=trainer.step, weight_version=trainer.version,
+                          buffer=buffer, rollout_usage=pump.usage(buffer["served_by_source"]),
+                          restarts=supervisor.restart_counts(), rollout_tokens_per_s=pump.tokens_per_s(),
+                          learner_tokens_per_s=trainer.learner_tokens_per_s())

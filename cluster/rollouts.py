@@ -30,17 +30,43 @@ from cluster.data import Prompt
 T = TypeVar("T")
 
 
-def item_stream(items: list[T], seed: int) -> Iterator[T]:
-    """``items`` endlessly, a fresh seeded shuffle every epoch (each item once per epoch)."""
-    rng = np.random.default_rng(seed)
-    for _ in itertools.count():
-        for i in rng.permutation(len(items)):
-            yield items[i]
+class ItemStream(Iterator[T]):
+    """``items`` endlessly, a fresh seeded shuffle every epoch (each item once per epoch).
+
+    Its position (epoch, index) is its whole state, so a resumed job continues the stream
+    where the checkpoint left it: ``state()`` / ``restore(state)``.
+    """
+
+    def __init__(self, items: list[T], seed: int):
+        self.items, self.seed = items, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+
+    def __next__(self) -> T:
+        if self.index == len(self._order):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        self.index += 1
+        return self.items[self._order[self.index - 1]]
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._permutation(self.epoch)
 
 
-def prompt_stream(prompts: list[Prompt], seed: int) -> Iterator[tuple[int, list[int]]]:
+def item_stream(items: list[T], seed: int) -> ItemStream[T]:
+    return ItemStream(items, seed)
+
+
+def prompt_stream(prompts: list[Prompt], seed: int) -> ItemStream[tuple[int, list[int]]]:
     """Endless (prompt_id, ids), a fresh seeded shuffle every epoch."""
-    return item_stream([(p.prompt_id, p.ids) for p in prompts], seed)
+    return ItemStream([(p.prompt_id, p.ids) for p in prompts], seed)
 
 
 def next_n(stream: Iterator[T], n: int) -> list[T]:
@@ -82,62 +108,87 @@ def _rows_for(servings: int, uses: int) -> int:
 
 
 @dataclass
+class Request:
+    """One rollout request: enough to send it again if an actor it ran on is lost."""
+
+    source: str                 # "student", "teacher" or "dataset": the rows it makes
+    index: int                  # the actor that generates them (student i, or teacher i)
+    items: list                 # the prompts (or reference rows) it was given
+    scorer: Optional[int] = None  # the teacher that scores a student request
+
+    @property
+    def rows(self) -> int:
+        return len(self.items)
+
+    def actor_names(self) -> list[str]:
+        if self.source == "student":
+            return [f"student-{self.index}", f"teacher-{self.scorer}"]
+        return [f"teacher-{self.index}"]
+
+
+@dataclass
 class RolloutPump:
     students: list
     teachers: list
     buffer: Any
-    stream: Iterator[tuple[int, list[int]]]  # endless prompts (``item_stream``)
-    references: Optional[Iterator[tuple[int, list[int], list[int]]]] = None  # dataset off-policy rows
+    stream: ItemStream  # endless prompts
+    references: Optional[ItemStream] = None  # dataset off-policy rows
     batch_size: int = 64  # most prompts per request (rollout.prompts_per_batch)
-    inflight: dict = field(default_factory=dict)  # ObjectRef -> (source, actor index, rows asked)
+    supervisor: Any = None  # cluster.supervisor.Supervisor: restarts lost actors (None: errors raise)
+    timeout_s: float = 600.0  # longest wait for one request (ray.actor_timeout_s)
+    inflight: dict = field(default_factory=dict)  # ObjectRef -> Request
     tokens: int = 0
     rows: dict = field(default_factory=lambda: {"student": 0, "teacher": 0, "dataset": 0})
     started: float = field(default_factory=time.time)
     last_seen: dict = field(default_factory=dict)  # "student-0" -> time of its last finished request
-    dead: set = field(default_factory=set)
     _next_teacher: int = 0
 
-    def _scorer(self):
-        teacher = self.teachers[self._next_teacher % len(self.teachers)]
+    def _scorer(self) -> int:
         self._next_teacher += 1
-        return teacher
+        return (self._next_teacher - 1) % len(self.teachers)
 
     def top_up(self, demand: "Demand") -> None:
         """Launch requests on idle actors, each sized by ``demand`` (see the module docstring)."""
-        have = ray.get(self.buffer.available.remote(demand.min_version))
-        for i, student in enumerate(self.students):
+        have = ray.get(self.buffer.available.remote(demand.min_version), timeout=self.timeout_s)
+        for i in range(len(self.students)):
             n = min(demand.on_policy_rows(have["on_policy"], self._inflight_rows("student")),
                     self.batch_size)
             if n > 0 and not self._busy("student", i):
-                samples = student.sample.remote(next_n(self.stream, n))
-                rows = self._scorer().score_rows.remote(samples)
-                self._launch(self.buffer.append.remote(rows), "student", i, n)
+                self._send(Request("student", i, next_n(self.stream, n), self._scorer()))
         off_source = "dataset" if self.references else "teacher"
-        for i, teacher in enumerate(self.teachers):
+        for i in range(len(self.teachers)):
             n = min(demand.off_policy_rows(have["off_policy"], self._inflight_rows(off_source)),
                     self.batch_size)
             if n > 0 and not self._busy(off_source, i):
-                rows = (teacher.score_references.remote(next_n(self.references, n)) if self.references
-                        else teacher.sample_rows.remote(next_n(self.stream, n)))
-                self._launch(self.buffer.append.remote(rows), off_source, i, n)
+                self._send(Request(off_source, i, next_n(self.references or self.stream, n)))
 
-    def _launch(self, ref, source: str, index: int, rows: int) -> None:
-        self.inflight[ref] = (source, index, rows)
+    def _send(self, req: Request) -> None:
+        """Chain the request's tasks actor to actor; the driver only holds the last ref."""
+        if req.source == "student":
+            samples = self.students[req.index].sample.remote(req.items)
+            rows = self.teachers[req.scorer].score_rows.remote(samples)
+        elif req.source == "dataset":
+            rows = self.teachers[req.index].score_references.remote(req.items)
+        else:
+            rows = self.teachers[req.index].sample_rows.remote(req.items)
+        self.inflight[self.buffer.append.remote(rows)] = req
 
     def _busy(self, source: str, index: int) -> bool:
-        return any(v[:2] == (source, index) for v in self.inflight.values())
+        return any((r.source, r.index) == (source, index) for r in self.inflight.values())
 
     def _inflight_rows(self, source: str) -> int:
-        return sum(v[2] for v in self.inflight.values() if v[0] == source)
+        return sum(r.rows for r in self.inflight.values() if r.source == source)
 
-    def wait_one(self, timeout: float = 600.0) -> None:
-        """Block until one request lands in the buffer; re-raise its error if it failed."""
+    def wait_one(self) -> None:
+        """Block until one request lands in the buffer (or is lost and sent again)."""
         if not self.inflight:
             raise RuntimeError("no rollout in flight and not enough rows to sample: "
                                "check buffer.on_policy_fraction against the rollout actors")
-        done, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
+        done, _ = ray.wait(list(self.inflight), num_returns=1, timeout=self.timeout_s)
         if not done:
-            raise TimeoutError(f"no rollout finished within {timeout:.0f} s")
+            names = sorted({n for r in self.inflight.values() for n in r.actor_names()})
+            raise TimeoutError(f"no rollout request finished within ray.actor_timeout_s="
+                               f"{self.timeout_s:.0f} s; waiting on {', '.join(names)}")
         self._collect(done)
 
     def poll(self) -> None:
@@ -148,16 +199,22 @@ class RolloutPump:
 
     def _collect(self, done: list) -> None:
         for ref in done:
-            source, index, _ = self.inflight.pop(ref)
-            name = f"{'student' if source == 'student' else 'teacher'}-{index}"
+            req = self.inflight.pop(ref)
             try:
                 result = ray.get(ref)  # raises the actor's error, with its traceback
-            except ray.exceptions.RayActorError:
-                self.dead.add(name)
-                raise
-            self.last_seen[name] = time.time()
+            except ray.exceptions.RayActorError as err:
+                if self.supervisor is None:
+                    raise
+                # Restart whichever of its actors died (or fail the job past the limit), then
+                # send the same prompts again: no request is lost with its actor.
+                self.supervisor.recover(req.actor_names(), err)
+                self._send(req)
+                continue
+            now = time.time()
+            for name in req.actor_names():
+                self.last_seen[name] = now
             self.tokens += result["tokens"]
-            self.rows[source] += result["rows"]
+            self.rows[req.source] += result["rows"]
 
     def usage(self, served: dict[str, int]) -> dict[str, dict]:
         """Per source: rows generated, row-uses trained on and their ratio (want <= 1.2)."""
@@ -165,19 +222,23 @@ class RolloutPump:
                       "ratio": round(self.rows[src] / served[src], 3) if served.get(src) else None}
                 for src in self.rows if self.rows[src] or served.get(src)}
 
-    def health(self) -> dict[str, dict]:
-        """Per rollout actor: alive/dead and seconds since its last finished request."""
-        now = time.time()
-        names = [f"student-{i}" for i in range(len(self.students))] + \
-                [f"teacher-{i}" for i in range(len(self.teachers))]
-        return {n: {"state": "dead" if n in self.dead else "alive",
-                    "last_seen_s": round(now - self.last_seen[n], 1) if n in self.last_seen else None}
-                for n in names}
-
     def tokens_per_s(self) -> float:
         return self.tokens / max(time.time() - self.started, 1e-9)
 
     def drain(self) -> None:
-        """Wait for every in-flight request (before the final weight push and evaluation)."""
+        """Wait for every in-flight request (before a checkpoint, the final push and evaluation)."""
         while self.inflight:
             self.wait_one()
+
+    def state(self) -> dict:
+        """What a checkpoint keeps (taken after ``drain``: nothing is in flight)."""
+        return {"stream": self.stream.state(),
+                "references": self.references.state() if self.references else None,
+                "rows": dict(self.rows), "tokens": self.tokens, "next_teacher": self._next_teacher}
+
+    def restore(self, state: dict) -> None:
+        self.stream.restore(state["stream"])
+        if self.references and state["references"]:
+            self.references.restore(state["references"])
+        self.rows.update(state["rows"])
+        self.tokens, self._next_teacher = state["tokens"], state["next_teacher"]

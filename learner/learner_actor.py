@@ -3,7 +3,7 @@
 N of these run as Ray actors. Each is told its rank, the world size and rank 0's address; they
 form one group (gloo on CPU, NCCL on GPU) and DeepSpeed shards optimiser state (ZeRO 1/2) or
 parameters too (ZeRO 3) across it. Every call that touches the group (``train_step``,
-``export_weights``, ``save``) must be made on all ranks at once; the driver does that.
+``export_weights``, ``export_student``, ``save``, ``load``) must be made on all ranks at once; the driver does that.
 """
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ import time
 from typing import Any, Optional
 
 import pyarrow as pa
+import ray
+
+CHECKPOINT_TAG = "state"  # one DeepSpeed tag per checkpoint directory
 
 
 def free_port() -> int:
@@ -92,6 +95,12 @@ class LearnerWorker:
         self.tokens = 0
         self.busy_seconds = 0.0
 
+    @ray.method(concurrency_group="health")
+    def ping(self) -> dict[str, Any]:
+        """Answers at once, even mid-request: it runs in its own thread (the "health"
+        concurrency group), while the work methods stay one at a time."""
+        return {"pid": os.getpid(), "time": time.time()}
+
     def ready(self) -> dict[str, Any]:
         import torch.distributed as dist
         return {"rank": self.rank, "world_size": dist.get_world_size(), "backend": dist.get_backend(),
@@ -133,28 +142,61 @@ class LearnerWorker:
                 "skipped_nonfinite": 0.0, "seconds": time.time() - t0, "lr": float(lr),
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), **metrics}
 
-    def export_weights(self, transport: str, bucket_mib: int, dtype: str) -> Optional[Any]:
-        """Full weights in HF names, packed by rank 0; every rank must call it (ZeRO-3 gather)."""
-        import deepspeed
+    def _buckets(self, bucket_mib: int, dtype: str):
+        from learner.export import gathered_buckets
         import torch
+        return gathered_buckets(self.engine.module, self.zero_stage, bucket_mib * 2**20,
+                                getattr(torch, dtype), is_rank0=self.rank == 0)
 
+    def export_weights(self, transport: str, bucket_mib: int, dtype: str) -> Optional[Any]:
+        """Full weights in HF names, packed by rank 0, one gathered bucket at a time; every rank
+        must call it (under ZeRO-3 each bucket is a collective gather)."""
         from learner.weight_sync import make_transport
 
-        params = list(self.engine.module.named_parameters())
-        target = getattr(torch, dtype)
-        enabled = self.zero_stage == 3
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None, enabled=enabled):
-            if self.rank != 0:
-                return None
-            named = [(n, p.detach().to(target).cpu()) for n, p in params]
-            return make_transport(transport, bucket_mib=bucket_mib).send(named, self.steps)
+        sender = make_transport(transport, bucket_mib=bucket_mib)
+        payload = [b for bucket in self._buckets(bucket_mib, dtype) for b in sender.send(bucket, self.steps)]
+        return payload if self.rank == 0 else None
+
+    def export_student(self, out_dir: str, source_dir: str, dtype: str, bucket_mib: int) -> Optional[str]:
+        """Write the student as a HF model directory (rank 0 writes; every rank must call)."""
+        from learner.export import write_student_dir
+        import torch
+
+        buckets = self._buckets(bucket_mib, dtype)
+        if self.rank != 0:
+            for _ in buckets:  # take part in every gather
+                pass
+            return None
+        return str(write_student_dir(out_dir, buckets, source_dir, getattr(torch, dtype)))
 
     def save(self, path: str, client_state: dict) -> str:
-        tag = f"step{self.steps}"
-        # The objective's own state (AMM's adversaries and their optimisers) rides along.
-        state = {**client_state, "objective": self.objective.state_dict()}
-        self.engine.save_checkpoint(path, tag=tag, client_state=state)
-        return tag
+        """A DeepSpeed checkpoint of every rank under ``path``/deepspeed (model, optimiser,
+        scheduler), plus this rank's objective state (AMM's adversaries and their optimisers)
+        and RNG states beside it. Every rank must call it."""
+        import torch
+
+        root = os.path.join(path, "deepspeed")
+        self.engine.save_checkpoint(root, tag=CHECKPOINT_TAG, client_state=client_state)
+        extra = {"objective": self.objective.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "steps": self.steps, "tokens": self.tokens, "skipped_nonfinite": self.skipped_nonfinite}
+        torch.save(extra, os.path.join(root, f"rank{self.rank}-extra.pt"))
+        return root
+
+    def load(self, path: str) -> dict:
+        """Restore what ``save`` wrote; returns the client state. Every rank must call it."""
+        import torch
+
+        root = os.path.join(path, "deepspeed")
+        loaded, client_state = self.engine.load_checkpoint(root, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                           load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {root}")
+        extra = torch.load(os.path.join(root, f"rank{self.rank}-extra.pt"), weights_only=False)
+        self.objective.load_state_dict(extra["objective"])
+        torch.set_rng_state(extra["torch_rng"])
+        self.steps, self.tokens = extra["steps"], extra["tokens"]
+        self.skipped_nonfinite = extra["skipped_nonfinite"]
+        return client_state or {}
 
     def stats(self) -> dict[str, float]:
         return {"rank": self.rank, "steps": self.steps, "tokens": self.tokens,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
 
 from learner.weight_sync import make_transport
 from rollout.engine import Generation, SamplingConfig, make_engine, tail_logmass
@@ -49,6 +50,12 @@ class RolloutWorker:
         self.tokens_out = 0
         self.busy_seconds = 0.0
         self.started = time.time()
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> dict[str, Any]:
+        """Answers at once, even mid-request: it runs in its own thread (the "health"
+        concurrency group), while the work methods stay one at a time."""
+        return {"pid": os.getpid(), "time": time.time()}
 
     # -- student ---------------------------------------------------------------------------
     def sample(self, batch: PromptBatch) -> Samples:

@@ -7,8 +7,8 @@ Contract:
   restarted on the same directory holds every acknowledged row that was not evicted.
 - ``sample(n, on_policy_fraction, min_version)`` returns ``round(n * fraction)`` student rows
   whose ``policy_version >= min_version`` and the rest from teacher/dataset rows, least-used
-  rows first, then the oldest weight version (the rows closest to going stale), ties broken
-  by a seeded RNG; or ``None`` when either pool is too small: the caller waits for more
+  rows first, then the oldest weight version (the rows closest to going stale), ties in
+  arrival order (FIFO); or ``None`` when either pool is too small: the caller waits for more
   rollouts instead of training on stale data.
 - A row is served at most ``on_policy_uses`` (student rows) or ``off_policy_uses`` (teacher
   and dataset rows) times; after that it is spent. Both default to one use, as in TRL: every
@@ -152,8 +152,11 @@ class ReplayBuffer:
     def _least_used(self, pool: np.ndarray, k: int) -> np.ndarray:
         if k == 0:
             return pool[:0]
-        # np.lexsort sorts by its last key first: uses, then version (oldest first), then random.
-        order = np.lexsort((self.rng.random(len(pool)), self.version[pool], self.uses[pool]))
+        # np.lexsort sorts by its last key first: uses, then version (oldest first); it is
+        # stable, so ties go in arrival order (FIFO, like a data loader reading a shuffled
+        # file). What a step trains on then depends on the order rows arrived in, not on how
+        # many had landed when it sampled: a resumed job samples what the original one did.
+        order = np.lexsort((self.version[pool], self.uses[pool]))
         return pool[order[:k]]
 
     def available(self, min_version: int) -> dict[str, int]:

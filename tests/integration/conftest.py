@@ -19,14 +19,17 @@ def ray_cluster():
     ray.shutdown()
 
 
-def save_tiny_llama(path, seed: int, vocab: int = 48, layers: int = 2) -> str:
-    """A random Llama-architecture HF model dir (head_dim 32, as vLLM's CPU attention needs)."""
+def save_tiny_llama(path, seed: int, vocab: int = 48, layers: int = 2, tied: bool = False) -> str:
+    """A random Llama-architecture HF model dir (head_dim 32, as vLLM's CPU attention needs).
+
+    ``tied``: input and output embeddings shared, as in Qwen and Llama 3.2 (no lm_head.weight
+    among the parameters)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=layers, num_attention_heads=2,
                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied)
     model = LlamaForCausalLM(cfg)
     # Sharper logits than the default init, so greedy choices are far from ties.
     with torch.no_grad():
@@ -39,3 +42,8 @@ def save_tiny_llama(path, seed: int, vocab: int = 48, layers: int = 2) -> str:
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return save_tiny_llama(root / "a", seed=1), save_tiny_llama(root / "b", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tied_model(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tied") / "t", seed=3, tied=True)

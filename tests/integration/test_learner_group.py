@@ -136,3 +136,54 @@ def test_learner_steps_follow_the_schedule(ray_cluster, tiny_models):
             ray_cluster.kill(l)
         from ray.util.placement_group import remove_placement_group
         remove_placement_group(pg)
+
+
+@pytest.mark.parametrize("zero_stage,tied", [(2, False), (3, True)])
+def test_student_export_loads_in_transformers_and_matches_the_push(ray_cluster, tiny_models, tied_model,
+                                                                   tmp_path, zero_stage, tied):
+    """After a step, the exported HF dir holds the pushed weights (a tied student included: no
+    lm_head in either, the head re-tied on load), and ``ammd export`` rebuilds the same dir
+    from the DeepSpeed checkpoint alone."""
+    import json
+
+    from cluster.actors import _learners
+    from cluster.export import export_checkpoint
+    from cluster.models import ModelPair
+    from learner.weight_sync import unpack_bucket
+
+    student_dir = tied_model if tied else tiny_models[0]
+    cfg = JobConfig.model_validate({"learner": {"actors": 2, "zero_stage": zero_stage, "lr": 1e-2,
+                                                "micro_batch": 4, "bucket_mib": 1}})
+    pair = ModelPair(tokenizer=None, vocab_size=VOCAB, pad_id=0, stop_token_ids=[2], max_model_len=64)
+    learners, pg = _learners(cfg, student_dir, pair)
+    try:
+        ref = ray_cluster.put(rows_to_batch(rows(8)))
+        ray_cluster.get([l.train_step.remote(ref) for l in learners])
+        payloads = ray_cluster.get([l.export_weights.remote("object_store", 1, "float32") for l in learners])
+        pushed = {n: torch.as_tensor(t) for bucket in payloads[0] for n, t in unpack_bucket(bucket)}
+        assert ("lm_head.weight" in pushed) == (not tied)
+        out = tmp_path / "student"
+        ray_cluster.get([l.export_student.remote(str(out), student_dir, "float32", 1) for l in learners])
+        ckpt = tmp_path / "ckpt"
+        ray_cluster.get([l.save.remote(str(ckpt), {"step": 1}) for l in learners])
+    finally:
+        for l in learners:
+            ray_cluster.kill(l)
+        from ray.util.placement_group import remove_placement_group
+        remove_placement_group(pg)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.tie_word_embeddings == tied
+    state = dict(model.named_parameters())
+    assert set(state) == set(pushed)
+    for name, tensor in pushed.items():
+        torch.testing.assert_close(state[name].detach(), tensor, rtol=0, atol=0)
+    if tied:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    before = AutoModelForCausalLM.from_pretrained(student_dir)
+    assert not torch.allclose(before.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    # ``ammd export`` from the DeepSpeed state: the same weights.
+    (ckpt / "driver.json").write_text(json.dumps({"config": {**cfg.model_dump(),
+                                                            "models": {"student": student_dir}}}))
+    again = AutoModelForCausalLM.from_pretrained(export_checkpoint(ckpt, tmp_path / "exported"))
+    for name, tensor in again.named_parameters():
+        torch.testing.assert_close(tensor.detach(), state[name].detach(), rtol=0, atol=0)

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from learner.weight_sync import ObjectStoreTransport
+from cluster.actors import HEALTH_GROUP
 from rollout.actors import RolloutWorker
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ def hf_greedy(model, prompt, max_new, stop):
 def start(ray, role, model_dir, **kw):
     opts = dict(seed=0, dtype="float32", kv_cache_mib=32, max_model_len=128, max_logprobs=20,
                 logprobs_mode="raw_logprobs" if role == "teacher" else "processed_logprobs")
-    actor = ray.remote(RolloutWorker).options(num_cpus=1).remote(
+    actor = ray.remote(concurrency_groups=HEALTH_GROUP)(RolloutWorker).options(num_cpus=1).remote(
         role, "vllm", model_dir, max_response_tokens=8, temperature=1.0, topk=kw.get("topk", 5),
         stop_token_ids=[2], engine_options=opts)
     ray.get(actor.health.remote())
@@ -77,4 +78,21 @@ def test_weight_push_then_greedy_equals_transformers(ray_cluster, tiny_models):
         lp = hf_logprobs(hf_b, seq)[len(gen.prompt_ids) - 1: len(seq) - 1]
         ref = lp.gather(1, torch.tensor(gen.response_ids, dtype=torch.long)[:, None])[:, 0]
         np.testing.assert_allclose(gen.logprobs, ref.numpy(), atol=1e-4)
+    ray_cluster.kill(actor)
+
+
+def test_weight_push_to_a_tied_student(ray_cluster, tied_model, tmp_path):
+    """A tied student's parameters have no lm_head.weight; after a push of the embedding alone
+    vLLM's head must follow it (the engine re-ties), as transformers' does."""
+    from tests.integration.conftest import save_tiny_llama
+    other = save_tiny_llama(tmp_path / "other", seed=4, tied=True)
+    actor = start(ray_cluster, "student", tied_model)
+    hf_new = AutoModelForCausalLM.from_pretrained(other).eval()
+    named = list(hf_new.named_parameters())
+    assert "lm_head.weight" not in dict(named)
+    before = ray_cluster.get(actor.greedy.remote(PROMPTS))
+    payload = ray_cluster.put(ObjectStoreTransport(bucket_mib=1).send(named, 1))
+    ray_cluster.get(actor.load_weights.remote(payload, 1))
+    after = ray_cluster.get(actor.greedy.remote(PROMPTS))
+    assert after == [hf_greedy(hf_new, p, 8, {2}) for p in PROMPTS] and after != before
     ray_cluster.kill(actor)

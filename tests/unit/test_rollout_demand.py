@@ -85,3 +85,14 @@ def test_prompt_stream_serves_every_item_once_per_epoch():
     assert all(sorted(e) == list(range(10)) for e in epochs)
     assert epochs[0] != epochs[1]  # reshuffled every epoch
     assert next_n(item_stream(list(range(10)), seed=4), 10) == epochs[0]  # seeded
+
+
+def test_prompt_stream_resumes_where_its_state_says():
+    from cluster.rollouts import item_stream, next_n
+    stream = item_stream(list(range(7)), seed=3)
+    next_n(stream, 9)  # into the second epoch
+    state = stream.state()
+    want = next_n(stream, 12)  # crosses into the third epoch
+    again = item_stream(list(range(7)), seed=3)
+    again.restore(state)
+    assert next_n(again, 12) == want

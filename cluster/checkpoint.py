@@ -1,0 +1,140 @@
+"""Checkpoints a job can be resumed from: written whole or not at all.
+
+Layout under ``<output_dir>/<name>/checkpoints``:
+  step-000100/            one complete checkpoint
+    deepspeed/            every learner rank's model, optimiser and scheduler state (DeepSpeed),
+                          and per rank the objective (AMM adversaries + optimisers) and RNG state
+    student/              the student as a Hugging Face model directory (learner.export)
+    buffer/               the replay buffer at that moment (rows, use counts, sampler RNG)
+    driver.json           step, weight version, metric history, evaluations, prompt-stream
+                          positions, rollout counters, the config and the models' fingerprints
+  latest                  the name of the newest complete checkpoint, written last
+A checkpoint is assembled in ``.tmp-step-...``, renamed into place and only then named in
+``latest``, so a crash mid-save leaves the previous checkpoint the one a resume uses.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+DRIVER_STATE = "driver.json"
+
+# Config fields a resume must share with the checkpoint: they decide what the saved state
+# means (model shapes, optimiser sharding, the loss, the batch, the schedule's length).
+MUST_MATCH = ("seed", "models.teacher", "models.student", "data.train", "data.max_prompt_tokens",
+              "data.max_response_tokens", "rollout.topk", "rollout.off_policy", "buffer.on_policy_fraction",
+              "learner.actors", "learner.zero_stage", "learner.precision", "learner.micro_batch",
+              "learner.steps", "learner.lr", "learner.lr_schedule", "learner.warmup_steps",
+              "learner.warmup_ratio", "learner.min_lr", "loss.name", "loss.teacher_signal", "loss.params")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or unreadable."""
+
+
+class ResumeError(CheckpointError):
+    """There is nothing to resume from, or the checkpoint does not fit this config."""
+
+
+def checkpoints_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def begin(root: Path, step: int) -> Path:
+    """An empty scratch directory for the checkpoint of ``step``."""
+    tmp = root / f".tmp-{step_name(step)}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(root: Path, tmp: Path, step: int, state: dict, keep: int) -> Path:
+    """Write the driver state into ``tmp``, move it into place, point ``latest`` at it, prune."""
+    _write_json(tmp / DRIVER_STATE, state)
+    final = root / step_name(step)
+    if final.exists():  # a resumed job saving the same step again
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_text(root / "latest", final.name)
+    complete = sorted(p for p in root.glob("step-*") if (p / DRIVER_STATE).is_file())
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint, or None."""
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / DRIVER_STATE).is_file() else None
+
+
+def load_state(path: Path) -> dict:
+    return json.loads((path / DRIVER_STATE).read_text())
+
+
+def find_resumable(run_dir: Path) -> Path:
+    """The checkpoint ``--resume`` continues from; ResumeError says why there is none."""
+    root = checkpoints_root(run_dir)
+    path = latest(root)
+    if path is not None:
+        return path
+    if not run_dir.exists():
+        raise ResumeError(f"nothing to resume: {run_dir} does not exist (check name and output_dir, "
+                          f"or run without --resume to start the job)")
+    raise ResumeError(f"nothing to resume in {run_dir}: no complete checkpoint under {root} "
+                      f"(learner.save_every sets how often one is written); run without --resume "
+                      f"to start over")
+
+
+def fingerprint(model_dir: str) -> dict[str, str]:
+    """Hashes of what makes a model directory this model: its config and tokenizer files."""
+    root = Path(model_dir)
+    out = {}
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"):
+        if (root / name).is_file():
+            out[name] = hashlib.sha256((root / name).read_bytes()).hexdigest()[:16]
+    return out
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_compatible(saved: dict, config: dict, fingerprints: dict) -> None:
+    """Refuse to resume when the config or the models differ from the checkpoint's."""
+    differ = [f"{key}: checkpoint {_get(saved['config'], key)!r}, now {_get(config, key)!r}"
+              for key in MUST_MATCH if _get(saved["config"], key) != _get(config, key)]
+    for role in ("teacher", "student"):
+        then, now = saved["fingerprints"][role], fingerprints[role]
+        changed = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
+        if changed:
+            differ.append(f"the {role} model's {', '.join(changed)} changed since the checkpoint")
+    if differ:
+        raise ResumeError("cannot resume: " + "; ".join(differ) + ". Resume with the checkpoint's "
+                          "settings, or start a new run under another name")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_text(path, json.dumps(data, indent=1, default=str))
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

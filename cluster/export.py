@@ -1,0 +1,66 @@
+"""``ammd export``: a checkpoint's student as a Hugging Face model directory.
+
+The weights come from the checkpoint's DeepSpeed state itself (every rank's ZeRO shards,
+merged by DeepSpeed's own ``zero_to_fp32`` reader), not from the export saved beside it, so
+the command also converts a checkpoint whose ``student/`` was deleted or damaged. Config and
+tokenizer files come from the checkpoint's ``student/`` when present, else from the student
+model the job was started with.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from cluster import checkpoint
+from cluster.checkpoint import CheckpointError
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, given it or a run directory (its newest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: give a run directory (runs/<name>) or one of "
+                              f"its checkpoints (runs/<name>/checkpoints/step-...)")
+    if (path / checkpoint.DRIVER_STATE).is_file():
+        return path
+    found = checkpoint.latest(checkpoint.checkpoints_root(path))
+    if found is None:
+        raise CheckpointError(f"{path} holds no complete checkpoint (no {checkpoint.DRIVER_STATE}, and "
+                              f"no checkpoints/latest pointing at one)")
+    return found
+
+
+def _state_dict(ckpt: Path, zero_stage: int) -> dict:
+    import torch
+
+    from learner.learner_actor import CHECKPOINT_TAG
+
+    root = ckpt / "deepspeed"
+    if not (root / CHECKPOINT_TAG).is_dir():
+        raise CheckpointError(f"{ckpt} has no DeepSpeed state under {root / CHECKPOINT_TAG}")
+    if zero_stage == 0:
+        return torch.load(root / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                          weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=CHECKPOINT_TAG)
+
+
+def export_checkpoint(path: str | Path, out: str | Path, dtype: Optional[str] = None) -> Path:
+    """Write the student of checkpoint (or run) ``path`` to ``out``; returns ``out``."""
+    import json
+
+    import torch
+
+    from learner.export import write_student_dir
+
+    ckpt = resolve_checkpoint(path)
+    config = checkpoint.load_state(ckpt)["config"]
+    source = ckpt / "student" if (ckpt / "student" / "config.json").is_file() else Path(config["models"]["student"])
+    if not (source / "config.json").is_file():
+        raise CheckpointError(f"no model config for the student: neither {ckpt / 'student'} nor {source} "
+                              f"has a config.json")
+    state = _state_dict(ckpt, config["learner"]["zero_stage"])
+    if json.loads((source / "config.json").read_text()).get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # tied: the input embedding is the head, as on load
+    target = getattr(torch, dtype or config["rollout"]["dtype"])
+    return write_student_dir(out, iter([[(n, t.to(target)) for n, t in state.items()]]), source, target)

@@ -1,0 +1,149 @@
+"""Keeping the job's actors accountable: restarts of lost rollout actors, liveness from answers.
+
+``Supervisor.recover`` is called when a rollout request fails because an actor died. It asks
+each actor the request touched for a real answer (``ping``); every one that does not answer
+is replaced by a fresh actor built with the job's own settings, which a student then loads
+with the current weights under the current version. More than ``max_restarts`` restarts of
+one actor within ``window_s`` seconds fail the job with a message that names the actor and
+its last error. A request that failed while all its actors still answer cannot be blamed on a
+rollout actor (the buffer died, say), so it fails the job too.
+
+``Supervisor.probe`` keeps liveness honest: on every call it sends a ``ping`` to each actor
+with none outstanding and reads the answers that arrived (never waiting), so ``last_seen_s``
+is the time since the actor itself last answered, and a dead actor shows as dead.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+
+
+class ActorLostError(RuntimeError):
+    """An actor died or stopped answering and the job cannot go on without it."""
+
+
+@dataclass
+class Supervisor:
+    actors: Any                                   # cluster.actors.Actors (lists are replaced in place)
+    make_rollout: Callable[[str, int], Any]       # (role, index) -> a started (not yet ready) actor
+    weights: Callable[[], tuple[Any, int]]        # the current weight payload ref and version
+    max_restarts: int = 3
+    window_s: float = 3600.0
+    timeout_s: float = 600.0
+    log: Callable[[str], None] = print
+    restarts: dict = field(default_factory=dict)    # name -> deque of restart times in the window
+    total: dict = field(default_factory=dict)       # name -> restarts over the whole job
+    last_error: dict = field(default_factory=dict)  # name -> text of its last error
+    seen: dict = field(default_factory=dict)        # name -> time of its last answer
+    pids: dict = field(default_factory=dict)        # name -> process id it last answered from
+    dead: set = field(default_factory=set)
+    _pings: dict = field(default_factory=dict)      # ObjectRef -> name
+
+    # -- who is who ---------------------------------------------------------------------------
+    def handles(self) -> dict[str, Any]:
+        a = self.actors
+        named = {f"student-{i}": h for i, h in enumerate(a.students)}
+        named.update({f"teacher-{i}": h for i, h in enumerate(a.teachers)})
+        named.update({f"learner-{i}": h for i, h in enumerate(a.learners)})
+        named["buffer"] = a.buffer
+        return named
+
+    @staticmethod
+    def kind(name: str) -> str:
+        return name.split("-")[0]
+
+    # -- restarts -----------------------------------------------------------------------------
+    def recover(self, names: list[str], err: BaseException) -> list[str]:
+        """Restart those of ``names`` that no longer answer; returns the restarted names."""
+        handles = self.handles()
+        lost = [n for n in names if not self._answers(handles[n])]
+        if not lost:
+            raise ActorLostError(f"a rollout request failed but its actors ({', '.join(names)}) still "
+                                 f"answer, so the replay buffer is the likely loss: {_first_line(err)}")
+        for name in lost:
+            self.restart(name, err)
+        return lost
+
+    def restart(self, name: str, err: BaseException) -> None:
+        role, index = self.kind(name), int(name.split("-")[1])
+        now = time.time()
+        self.last_error[name] = _first_line(err)
+        recent = self.restarts.setdefault(name, deque())
+        while recent and now - recent[0] > self.window_s:
+            recent.popleft()
+        if len(recent) >= self.max_restarts:
+            raise ActorLostError(
+                f"rollout actor {name} died {len(recent) + 1} times within {self.window_s:.0f} s "
+                f"(rollout.max_restarts={self.max_restarts}); its last error: {self.last_error[name]}")
+        recent.append(now)
+        self.total[name] = self.total.get(name, 0) + 1
+        self.log(f"{name} died ({self.last_error[name]}); restarting it "
+                 f"({len(recent)} of {self.max_restarts} restarts allowed per {self.window_s:.0f} s)")
+        group = self.actors.students if role == "student" else self.actors.teachers
+        try:
+            ray.kill(group[index])  # a hung process is put down before its place is taken
+        except Exception:  # noqa: BLE001 - it is already gone
+            pass
+        fresh = self.make_rollout(role, index)
+        ray.get(fresh.health.remote(), timeout=self.timeout_s)
+        if role == "student":
+            payload, version = self.weights()
+            ray.get(fresh.load_weights.remote(payload, version), timeout=self.timeout_s)
+        group[index] = fresh
+        self.dead.discard(name)
+        self.seen[name] = time.time()
+        self.log(f"{name} restarted" + (f" with weight version {version}" if role == "student" else ""))
+
+    def _answers(self, handle: Any) -> bool:
+        try:
+            ray.get(handle.ping.remote(), timeout=min(self.timeout_s, 30.0))
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+
+    # -- liveness -----------------------------------------------------------------------------
+    def probe(self) -> None:
+        """Read the pings that came back and send new ones; never blocks."""
+        if self._pings:
+            done, _ = ray.wait(list(self._pings), num_returns=len(self._pings), timeout=0)
+            for ref in done:
+                name = self._pings.pop(ref)
+                try:
+                    answer = ray.get(ref)
+                    self.seen[name] = time.time()
+                    if isinstance(answer, dict) and "pid" in answer:
+                        self.pids[name] = answer["pid"]
+                except ray.exceptions.RayActorError as err:
+                    self.dead.add(name)
+                    self.last_error[name] = _first_line(err)
+        waiting = set(self._pings.values())
+        for name, handle in self.handles().items():
+            if name not in waiting and name not in self.dead:
+                self._pings[_ping(handle)] = name
+
+    def health(self) -> dict[str, dict]:
+        """Per actor: state, seconds since its last answer, restarts and last error."""
+        now = time.time()
+        return {name: {"kind": self.kind(name),
+                       "state": "dead" if name in self.dead else ("alive" if name in self.seen else "starting"),
+                       "last_seen_s": round(now - self.seen[name], 1) if name in self.seen else None,
+                       "restarts": self.total.get(name, 0),
+                       "last_error": self.last_error.get(name), "pid": self.pids.get(name)}
+                for name in self.handles()}
+
+    def restart_counts(self) -> dict[str, int]:
+        return dict(self.total)
+
+
+def _ping(handle: Any):
+    # The buffer has no ping of its own: its cheapest call answers the same question.
+    return handle.ping.remote() if hasattr(handle, "ping") else handle.stats.remote()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__

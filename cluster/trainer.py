@@ -1,0 +1,168 @@
+"""The learner side of the job: sampling batches, stepping every rank, pushing weights, saving.
+
+Every call that touches the learner group is made on all ranks at once, and every wait on an
+actor is bounded by ``ray.actor_timeout_s``: an actor that dies or stops answering fails the
+job with a message that names it and says how to resume (``ActorLostError``).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import ray
+
+from cluster import checkpoint
+from cluster.actors import Actors
+from cluster.config import JobConfig
+from cluster.rollouts import Demand
+from cluster.supervisor import ActorLostError
+from services.status import JobStatus
+
+MAX_NONFINITE_STEPS = 3
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, actors: Actors, status: JobStatus, run_dir: Path,
+                 resume_hint: str = "ammd run CONFIG --resume", log: Callable[[str], None] = print):
+        self.cfg, self.actors, self.status, self.run_dir = cfg, actors, status, run_dir
+        self.resume_hint, self.log = resume_hint, log
+        self.version = 0
+        self.payload = None  # the newest weights (rank 0's buckets), for restarted students
+        self.pushed_at = -1  # the learner step whose weights the students hold
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.tokens = 0
+        self.train_seconds = 0.0
+        self.nonfinite_in_a_row = 0
+        self.max_lag = 0
+        self.evals: list[dict] = []
+        self.scores: dict[str, float] = {}  # teacher and student-before scores, kept across a resume
+        self.last_checkpoint: Path | None = None
+        self.global_batch = cfg.learner.micro_batch * cfg.learner.actors
+        self.n_on = int(round(self.global_batch * cfg.buffer.on_policy_fraction))
+
+    # -- waiting on actors ----------------------------------------------------------------------
+    def wait(self, refs: Any, who: str) -> Any:
+        """``ray.get`` bounded by ray.actor_timeout_s; a lost actor becomes one clear error."""
+        timeout = self.cfg.ray.actor_timeout_s
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise ActorLostError(f"{who} did not answer within ray.actor_timeout_s={timeout:.0f} s. "
+                                 f"{self.how_to_resume()}") from None
+        except ray.exceptions.RayActorError as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise ActorLostError(f"{who} died ({first}). {self.how_to_resume()}") from None
+
+    def how_to_resume(self) -> str:
+        if self.last_checkpoint is None:
+            return "No checkpoint was written yet (learner.save_every); the job must start over."
+        return (f"The last complete checkpoint is {self.last_checkpoint}; continue with: "
+                f"{self.resume_hint}")
+
+    # -- training -------------------------------------------------------------------------------
+    @property
+    def min_version(self) -> int:
+        return self.version - self.cfg.buffer.max_staleness
+
+    def demand(self) -> Demand:
+        """What the remaining steps will train on. A student row sampled now carries version v
+        and stays usable until the push of v + max_staleness + 1: ``window`` more steps."""
+        b, lc = self.cfg.buffer, self.cfg.learner
+        window = (b.max_staleness + 1) * lc.sync_every - self.step % lc.sync_every
+        return Demand(self.n_on, self.global_batch - self.n_on, lc.steps - self.step, window,
+                      self.min_version, b.on_policy_uses, b.off_policy_uses)
+
+    def try_step(self) -> bool:
+        """One learner step if the buffer can serve a batch; False if it cannot yet."""
+        table = self.wait(self.actors.buffer.sample.remote(
+            self.global_batch, self.cfg.buffer.on_policy_fraction, self.min_version), "the replay buffer")
+        if table is None:
+            return False
+        self._note_lag(table)
+        t0 = time.time()
+        ref = ray.put(table)
+        results = self.wait([l.train_step.remote(ref) for l in self.actors.learners], "a learner rank")
+        self.train_seconds += time.time() - t0
+        if any(r["skipped_nonfinite"] for r in results):
+            self.nonfinite_in_a_row += 1
+            self.log(f"step {self.step + 1}: non-finite loss, step skipped on every rank")
+            if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+                raise FloatingPointError(f"loss was NaN/inf for {MAX_NONFINITE_STEPS} steps in a row; "
+                                         f"lower learner.lr or check the teacher signal")
+            return True
+        self.nonfinite_in_a_row = 0
+        self.step += 1
+        self.tokens += int(sum(r["tokens"] for r in results))
+        keys = set().union(*results) - {"tokens", "seconds", "skipped_nonfinite"}
+        merged = {k: float(np.mean([r[k] for r in results if k in r])) for k in sorted(keys)}
+        self.history.append({"step": self.step, **merged})
+        self.status.record_loss(self.step, merged)
+        return True
+
+    def _note_lag(self, table) -> None:
+        """Track how many weight versions the oldest on-policy row of a batch lags behind."""
+        versions = [v for v, s in zip(table.column("policy_version").to_pylist(),
+                                      table.column("source").to_pylist()) if s == "student"]
+        if versions:
+            self.max_lag = max(self.max_lag, self.version - min(versions))
+
+    def push_weights(self, version: int | None = None) -> None:
+        """Pack weights on rank 0 (all ranks enter, for ZeRO-3) and queue the load on students.
+
+        The students load them as ``version`` (default: the next one). A student actor runs its
+        calls in order, so anything asked of it after this sees the new weights.
+        """
+        lc = self.cfg.learner
+        refs = [l.export_weights.remote(lc.weight_transport, lc.bucket_mib, self.cfg.rollout.dtype)
+                for l in self.actors.learners]
+        self.wait(refs[1:], "a learner rank")  # the other ranks only took part in the gather
+        self.payload = refs[0]  # rank 0's buckets; Ray hands them to the students without the driver
+        self.version = self.version + 1 if version is None else version
+        self.pushed_at = self.step
+        for student in self.actors.students:
+            student.load_weights.remote(self.payload, self.version)
+
+    def weights(self) -> tuple[Any, int]:
+        return self.payload, self.version
+
+    def learner_tokens_per_s(self) -> float:
+        return self.tokens / max(self.train_seconds, 1e-9)
+
+    # -- the student out, checkpoints in and out ---------------------------------------------
+    def export_student(self, out_dir: Path) -> Path:
+        """Write the student as a HF model directory (every rank takes part in the gather)."""
+        lc = self.cfg.learner
+        self.wait([l.export_student.remote(str(out_dir), self.cfg.models.student, self.cfg.rollout.dtype,
+                                           lc.bucket_mib) for l in self.actors.learners], "a learner rank")
+        return out_dir
+
+    def save(self, pump_state: dict, extra: dict) -> Path:
+        """A complete checkpoint (see cluster.checkpoint); the caller has drained the rollouts."""
+        root = checkpoint.checkpoints_root(self.run_dir)
+        tmp = checkpoint.begin(root, self.step)
+        self.wait([l.save.remote(str(tmp), {"step": self.step}) for l in self.actors.learners], "a learner rank")
+        self.export_student(tmp / "student")
+        self.wait(self.actors.buffer.snapshot.remote(str(tmp / "buffer")), "the replay buffer")
+        state = {"trainer": self.state(), "pump": pump_state, **extra}
+        self.last_checkpoint = checkpoint.commit(root, tmp, self.step, state, self.cfg.learner.keep_checkpoints)
+        self.log(f"checkpoint {self.last_checkpoint}")
+        return self.last_checkpoint
+
+    def state(self) -> dict:
+        return {"step": self.step, "version": self.version, "history": self.history, "tokens": self.tokens,
+                "train_seconds": self.train_seconds, "max_lag": self.max_lag, "evals": self.evals,
+                "scores": self.scores}
+
+    def restore(self, path: Path, state: dict) -> None:
+        """Load every rank's state from checkpoint ``path`` and the driver's own from ``state``."""
+        self.wait([l.load.remote(str(path)) for l in self.actors.learners], "a learner rank")
+        t = state["trainer"]
+        self.step, self.version, self.history = t["step"], t["version"], t["history"]
+        self.tokens, self.train_seconds, self.max_lag = t["tokens"], t["train_seconds"], t["max_lag"]
+        self.evals, self.scores = t["evals"], t["scores"]
+        self.last_checkpoint = path
+        for h in self.history:
+            self.status.record_loss(h["step"], {k: v for k, v in h.items() if k != "step"})

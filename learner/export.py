@@ -1,0 +1,123 @@
+"""The student as a Hugging Face model directory, written bucket by bucket.
+
+``gathered_buckets`` walks a (possibly ZeRO-3 partitioned) module's parameters in buckets of
+at most ``bucket_bytes``: under ZeRO-3 every rank gathers one bucket, rank 0 copies it to the
+CPU, and the bucket is released before the next, so the whole model is never materialised on
+every rank at once. The weight push (``LearnerWorker.export_weights``) and the export to disk
+(``write_student_dir``) both read the weights through it.
+
+A tied student (input and output embeddings shared, as in Qwen and Llama 3.2) has no
+``lm_head.weight`` among ``named_parameters``; that is what a tied checkpoint holds too, and
+both transformers and vLLM re-tie the head on load from ``tie_word_embeddings`` in the config.
+
+Layout written (what ``AutoModelForCausalLM.from_pretrained`` and vLLM read as it is):
+  config.json (dtype set to the export dtype), generation_config.json when the source has one,
+  the source's tokenizer files, model.safetensors, or model-0000i-of-0000n.safetensors shards
+  plus model.safetensors.index.json when the weights span several buckets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions: numel() is 0 there
+
+
+def gathered_buckets(module: torch.nn.Module, zero_stage: int, bucket_bytes: int, dtype: torch.dtype,
+                     is_rank0: bool) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield the parameters as CPU tensors of ``dtype``, one bucket at a time, on rank 0.
+
+    Every rank must consume the iterator to the end (under ZeRO-3 each bucket is a
+    collective gather); ranks other than 0 get empty lists.
+    """
+    import deepspeed
+
+    params = list(module.named_parameters())
+    size = torch.empty(0, dtype=dtype).element_size()
+    start = 0
+    while start < len(params):
+        end, nbytes = start, 0
+        while end < len(params) and (end == start or nbytes + _numel(params[end][1]) * size <= bucket_bytes):
+            nbytes += _numel(params[end][1]) * size
+            end += 1
+        chunk = params[start:end]
+        with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None,
+                                               enabled=zero_stage == 3):
+            yield [(n, p.detach().to(dtype).cpu().clone()) for n, p in chunk] if is_rank0 else []
+        start = end
+
+
+def write_student_dir(out_dir: str | Path, buckets: Iterator[list[tuple[str, torch.Tensor]]],
+                      source_dir: str | Path, dtype: torch.dtype) -> Path:
+    """Write the buckets as a HF model directory beside the source's config and tokenizer.
+
+    Written into ``<out_dir>.tmp`` and renamed, so ``out_dir`` is either the old export or the
+    whole new one, never half of it.
+    """
+    from safetensors.torch import save_file
+
+    out, source = Path(out_dir), Path(source_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files: list[tuple[str, list[str]]] = []
+    for i, bucket in enumerate(buckets):
+        name = f"shard-{i:05d}.safetensors"
+        save_file({n: t.contiguous() for n, t in bucket}, str(tmp / name), metadata={"format": "pt"})
+        files.append((name, [n for n, _ in bucket]))
+    _name_shards(tmp, files)
+    _write_config(source, tmp, dtype)
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+        if (source / name).is_file():
+            shutil.copy2(source / name, tmp / name)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _name_shards(root: Path, files: list[tuple[str, list[str]]]) -> None:
+    """Give the shards the names transformers and vLLM look for (one file, or an index)."""
+    if len(files) == 1:
+        os.replace(root / files[0][0], root / "model.safetensors")
+        return
+    weight_map, total = {}, 0
+    for i, (name, names) in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        os.replace(root / name, root / final)
+        total += (root / final).stat().st_size
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_config(source: Path, dest: Path, dtype: torch.dtype) -> None:
+    config = json.loads((source / "config.json").read_text())
+    name = str(dtype).removeprefix("torch.")
+    for key in ("torch_dtype", "dtype"):  # transformers 4 wrote torch_dtype, 5 writes dtype
+        if key in config or key == "dtype":
+            config[key] = name
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def find_student_source(checkpoint_or_run: str | Path) -> Optional[Path]:
+    """The exported student inside a run directory or a checkpoint directory, if any."""
+    root = Path(checkpoint_or_run)
+    for candidate in (root / "student", root):
+        if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
+            return candidate
+    return None
