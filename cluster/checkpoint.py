@@ -80,7 +80,19 @@ def latest(root: Path) -> Optional[Path]:
 
 
 def load_state(path: Path) -> dict:
-    return json.loads((path / DRIVER_STATE).read_text())
+    """The checkpoint's driver state; CheckpointError when it cannot be read back."""
+    file = Path(path) / DRIVER_STATE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        why = err.msg if isinstance(err, json.JSONDecodeError) else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is damaged: {file} cannot be read ({why}); delete "
+                              f"that checkpoint (and write an older step-... into checkpoints/latest) "
+                              f"or start over without --resume") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is damaged: {file} holds no JSON object; delete that "
+                              f"checkpoint or start over without --resume")
+    return state
 
 
 def find_resumable(run_dir: Path) -> Path:
@@ -115,10 +127,13 @@ def _get(tree: dict, dotted: str) -> Any:
 
 def check_compatible(saved: dict, config: dict, fingerprints: dict) -> None:
     """Refuse to resume when the config or the models differ from the checkpoint's."""
+    if not isinstance(saved.get("config"), dict):
+        raise ResumeError("cannot resume: the checkpoint's driver.json holds no config (it was not "
+                          "written by `ammd run`); start over without --resume")
     differ = [f"{key}: checkpoint {_get(saved['config'], key)!r}, now {_get(config, key)!r}"
               for key in MUST_MATCH if _get(saved["config"], key) != _get(config, key)]
     for role in ("teacher", "student"):
-        then, now = saved["fingerprints"][role], fingerprints[role]
+        then, now = (saved.get("fingerprints") or {}).get(role) or {}, fingerprints[role]
         changed = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
         if changed:
             differ.append(f"the {role} model's {', '.join(changed)} changed since the checkpoint")

@@ -9,7 +9,7 @@
   ammd check CONFIG [a.b=c ...]   validate the config, models and data, start nothing
   ammd toy [--root DIR]           build (or find cached) the tiny teacher, student and data
 
-User errors (config, data, models, checkpoints) end in one line on stderr and exit code 2; a
+User errors (usage, config, data, models, checkpoints) end in one line on stderr and exit code 2; a
 job that loses an actor it cannot replace ends in one line and exit code 1.
 """
 from __future__ import annotations
@@ -29,13 +29,20 @@ from cluster.supervisor import ActorLostError
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (like every other user error) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"ammd: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ammd", description="adversarial moment-matching distillation")
+    p = _Parser(prog="ammd", description="adversarial moment-matching distillation")
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (("run", "run a distillation job"), ("check", "validate config, models and data")):
         s = sub.add_parser(name, help=text)
         s.add_argument("config", help="YAML config, e.g. configs/local-cpu.yaml")
-        s.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. learner.steps=50")
+        s.add_argument("overrides", nargs="*", default=[], help="a.b=c overrides, e.g. learner.steps=50")
         if name == "run":
             s.add_argument("--resume", action="store_true",
                            help="continue runs/<name> from its newest complete checkpoint")
@@ -63,6 +70,11 @@ def _check(config: str, overrides: list[str]) -> None:
     print(f"ok: {len(train)} prompts, vocab {pair.vocab_size}, loss {cfg.loss.name}")
 
 
+def _one_line(err: BaseException) -> str:
+    """The message on one line, whatever a library put into it."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -84,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             world = build_toy_world(Path(args.root), task=args.task, seed=args.seed)
             print(json.dumps({k: str(v) for k, v in vars(world).items()}, indent=2))
     except USER_ERRORS as err:
-        print(f"ammd: error: {err}", file=sys.stderr)
+        print(f"ammd: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except ActorLostError as err:
-        print(f"ammd: error: {err}", file=sys.stderr)
+        print(f"ammd: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except Exception as err:
         import ray

@@ -124,7 +124,11 @@ class LossConfig(_Strict):
     def _known_loss_and_params(self) -> "LossConfig":
         # Checked here, not in the learner actors, so a typo fails before anything starts.
         from learner.objective import check_loss
-        check_loss(self.name, self.params)
+        try:
+            check_loss(self.name, self.params)
+        except ValueError as err:
+            text = str(err)  # name the field when the objective's message does not
+            raise ValueError(text if "loss." in text else f"loss.params: {text}") from None
         return self
 
 
@@ -178,10 +182,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def _apply(tree: dict, path: list[str], value: Any) -> None:
     node = tree
-    for part in path[:-1]:
+    for i, part in enumerate(path[:-1], 1):
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override {'.'.join(path)}: {part} is a value, not a section")
+            where = ".".join(path[:i])
+            raise ConfigError(f"override {'.'.join(path)}: {where} is a value, not a section; set it "
+                              f"with {where}=VALUE")
         node = nxt
     node[path[-1]] = value
 
@@ -193,8 +199,13 @@ def _format_error(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key '{where}': remove it or check its spelling "
                          f"(see configs/local-cpu.yaml for the known keys)")
+        elif e["type"] == "value_error":
+            # A validator's own message names its fields and the fix; pydantic's prefix does not help.
+            lines.append(str(e.get("ctx", {}).get("error", e["msg"])))
         else:
-            lines.append(f"config field '{where}': {e['msg']}")
+            got = repr(e.get("input"))
+            got = got if len(got) <= 60 else got[:57] + "..."
+            lines.append(f"config field '{where}': {e['msg']} (got {got})")
     return "; ".join(lines)
 
 
@@ -214,11 +225,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     """Read a YAML file and apply ``a.b=c`` overrides."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist; give the path of a YAML config "
+                          f"(e.g. configs/local-cpu.yaml)")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML: {what}{where}") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        raise ConfigError(f"config file {path} must hold a mapping at the top level (sections such as "
+                          f"'learner:' and 'data:'), not a {type(tree).__name__}")
     return build_config(tree, overrides)

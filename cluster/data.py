@@ -16,6 +16,11 @@ class DataError(ValueError):
     """A problem with the user's data, phrased with the file, the row and the fix."""
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__
+
+
 @dataclass
 class Prompt:
     prompt_id: int
@@ -28,27 +33,42 @@ def read_rows(path: str) -> list[dict[str, Any]]:
     """Rows of a JSONL file, a Parquet file or a ``datasets.save_to_disk`` directory."""
     p = Path(path)
     if not p.exists():
-        raise DataError(f"data file {path} does not exist")
+        raise DataError(f"data file {path} does not exist; check data.train and data.eval")
     if p.is_dir():
         try:
             from datasets import load_from_disk
         except ImportError:
             raise DataError(f"{path} is a directory; reading saved HF datasets needs "
                             f"`pip install datasets`") from None
-        ds = load_from_disk(str(p))
+        try:
+            ds = load_from_disk(str(p))
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path} is a directory but not a saved HF dataset ({_first_line(err)}); "
+                            f"give a JSONL or Parquet file, or a datasets.save_to_disk directory") from None
         return [dict(r) for r in (ds["train"] if hasattr(ds, "keys") else ds)]
     if p.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
-        return pq.read_table(p).to_pylist()
+        try:
+            return pq.read_table(p).to_pylist()
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise DataError(f"{path} is not a readable Parquet file ({_first_line(err)}); give Parquet, "
+                            f"JSONL (one {{\"prompt\": ...}} per line) or a saved HF dataset dir") from None
     rows = []
-    with p.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
+    with p.open(encoding="utf-8") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}: line {n} is not valid JSON ({err.msg} at column "
+                                    f"{err.colno}); every line needs one object such as "
+                                    f"{{\"prompt\": \"...\"}}") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not UTF-8 text; data files are JSONL (UTF-8), Parquet "
+                            f"(.parquet) or a saved HF dataset directory") from None
     return rows
 
 
@@ -56,7 +76,7 @@ def load_prompts(path: str, tokenizer: Any, max_prompt_tokens: int, limit: Optio
     """Read and tokenise prompts, refusing rows without a prompt or longer than allowed."""
     rows = read_rows(path)
     if not rows:
-        raise DataError(f"{path} holds no rows")
+        raise DataError(f"{path} holds no rows; give a file with one {{\"prompt\": ...}} per row")
     prompts = []
     for n, row in enumerate(rows[:limit] if limit else rows, 1):
         text = row.get("prompt") if isinstance(row, dict) else None

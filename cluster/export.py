@@ -26,8 +26,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     found = checkpoint.latest(checkpoint.checkpoints_root(path))
     if found is None:
         raise CheckpointError(f"{path} holds no complete checkpoint (no {checkpoint.DRIVER_STATE}, and "
-                              f"no checkpoints/latest pointing at one)")
+                              f"no checkpoints/latest pointing at one); give the run directory of a job "
+                              f"that saved one (learner.save_every) or one of its checkpoints/step-... dirs")
     return found
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` is replaced whole: refuse a file, or a directory that is not a model directory."""
+    if out.is_file():
+        raise CheckpointError(f"--out {out} is a file; give a directory for the model (new, empty or "
+                              f"an earlier export)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise CheckpointError(f"--out {out} is a directory that holds other files and no model "
+                              f"(no config.json); it would be replaced whole, so give a new or "
+                              f"empty directory, or an earlier export")
 
 
 def _state_dict(ckpt: Path, zero_stage: int) -> dict:
@@ -37,7 +49,9 @@ def _state_dict(ckpt: Path, zero_stage: int) -> dict:
 
     root = ckpt / "deepspeed"
     if not (root / CHECKPOINT_TAG).is_dir():
-        raise CheckpointError(f"{ckpt} has no DeepSpeed state under {root / CHECKPOINT_TAG}")
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: it has no DeepSpeed state under "
+                              f"{root / CHECKPOINT_TAG}; export another checkpoint of the run "
+                              f"(runs/<name>/checkpoints/step-...)")
     if zero_stage == 0:
         return torch.load(root / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
                           weights_only=False)["module"]
@@ -54,7 +68,11 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: Optional[str] = 
     from learner.export import write_student_dir
 
     ckpt = resolve_checkpoint(path)
-    config = checkpoint.load_state(ckpt)["config"]
+    _check_out(Path(out))
+    config = checkpoint.load_state(ckpt).get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: its {checkpoint.DRIVER_STATE} holds no "
+                              f"config; export another checkpoint of the run")
     source = ckpt / "student" if (ckpt / "student" / "config.json").is_file() else Path(config["models"]["student"])
     if not (source / "config.json").is_file():
         raise CheckpointError(f"no model config for the student: neither {ckpt / 'student'} nor {source} "

@@ -7,7 +7,9 @@ The driver owns a ``JobStatus`` and updates it; the app only reads snapshots of 
 - ``/status``: JSON (step, weight version, buffer rows by source, tokens/s, the last losses and
   their history (with AMM: D_on, D_off, adversary loss), actors' health);
 - ``/metrics``: Prometheus text exposition 0.0.4 (see ``FAMILIES``);
-- ``/``: a small page that polls ``/status`` and plots the loss.
+- ``/``: a small page that polls ``/status`` and plots the loss;
+- any other path: 404 ``{"error": "no such endpoint /x", "endpoints": [...]}``; another method
+  than GET: 405 ``{"error": ..., "allowed": ["GET"]}``.
 
 What the driver sets (all through ``JobStatus.update``):
 - ``state``: "starting", "evaluating", "training", "finished" or "failed"; with "failed", also
@@ -47,6 +49,7 @@ pts.forEach((p,i)=>{const x=i*640/(pts.length-1),y=230-(p[k]-lo)/(hi-lo||1)*200;
 tick();setInterval(tick,2000);</script></body></html>"""
 
 
+ENDPOINTS = ("/", "/healthz", "/status", "/metrics")  # named in the 404 answer
 OK_STATES = frozenset({"alive", "starting", "restarting"})  # an actor in any other state is a problem
 UP_STATES = frozenset({"alive", "starting"})  # ammd_actor_up is 1 for these
 KINDS = ("student", "teacher", "learner", "buffer")
@@ -289,7 +292,24 @@ def make_app(status: JobStatus):
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+    from starlette.exceptions import HTTPException
+
     app = FastAPI(title="ammd status")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException) -> JSONResponse:
+        # A wrong path or method gets JSON that says what exists, not Starlette's bare text.
+        path = request.url.path
+        if exc.status_code == 404:
+            return JSONResponse({"error": f"no such endpoint {path}", "endpoints": list(ENDPOINTS)},
+                                status_code=404)
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "GET")
+            allowed = sorted({m.strip() for m in allow.split(",") if m.strip()} - {"HEAD"}) or ["GET"]
+            return JSONResponse({"error": f"method {request.method} is not allowed on {path}; use "
+                                          f"{' or '.join(allowed)}", "allowed": allowed},
+                                status_code=405, headers={"Allow": allow})
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

@@ -1,7 +1,10 @@
-"""Bad input ends in one line on stderr that names the problem, and exit code 2.
+"""Bad input ends in one line on stderr that names the problem and the fix, and exit code 2.
 
-The checks run in ``ammd check`` and at the start of ``ammd run`` (the same functions), before
-any actor starts; one case goes through the installed console script end to end.
+The checks run in ``ammd check`` and at the start of ``ammd run`` and ``ammd export`` (the same
+functions), before any actor starts: every ``run`` case here fails before Ray would start (a
+fixture makes starting Ray or actors fail the test). One case goes through the installed
+console script end to end; the status API's cases use FastAPI's test client. README.md lists
+every case ("When input is wrong"), one row per test id here.
 """
 import json
 import os
@@ -21,13 +24,30 @@ CONFIG = str(ROOT / "configs" / "local-cpu.yaml")
 
 def run_cli(capsys, *args):
     capsys.readouterr()  # drop what the test's own set-up printed
-    rc = main(list(args))
+    try:
+        rc = main(list(args))
+    except SystemExit as exit_:  # argparse's usage errors
+        rc = exit_.code
     err = capsys.readouterr().err.strip()
     return rc, err
 
 
+def assert_one_error(rc, err, *words, code=2):
+    """Exit ``code``, exactly one stderr line ``ammd: error: ...`` holding every one of ``words``."""
+    assert rc == code, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ammd: error: "), err
+    missing = [w for w in words if w not in lines[0]]
+    assert not missing, f"{missing} not in: {lines[0]}"
+
+
 def models(world):
     return [f"models.teacher={world.teacher_dir}", f"models.student={world.student_dir}"]
+
+
+def own(world, *more):
+    """The toy models and data named explicitly, as a user's own would be."""
+    return [*models(world), f"data.train={world.train_path}", *more]
 
 
 def write_jsonl(path, rows):
@@ -35,33 +55,176 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def test_unknown_config_key(capsys):
-    rc, err = run_cli(capsys, "check", CONFIG, "learner.stepz=5")
-    assert rc == 2 and len(err.splitlines()) == 1
-    assert "unknown config key 'learner.stepz'" in err
+@pytest.fixture
+def no_ray(monkeypatch):
+    """``ammd run`` in these tests must be refused before Ray or any actor starts."""
+    import cluster.driver as driver
+
+    def refuse(*_, **__):
+        raise AssertionError("the bad input was not refused before Ray started")
+    monkeypatch.setattr(driver, "init_ray", refuse)
+    monkeypatch.setattr(driver, "start_actors", refuse)
+
+
+# --- config --------------------------------------------------------------------------------------
+
+CONFIG_CASES = {
+    "unknown-key": (["learner.stepz=5"], ["unknown config key 'learner.stepz'", "check its spelling"]),
+    "wrong-type": (["learner.steps=abc"], ["'learner.steps'", "valid integer", "got 'abc'"]),
+    "lr-zero": (["learner.lr=0"], ["'learner.lr'", "greater than 0", "got 0"]),
+    "lr-negative": (["learner.lr=-1"], ["'learner.lr'", "greater than 0", "got -1"]),
+    "min-lr-above-lr": (["learner.min_lr=0.1"], ["learner.min_lr=0.1 is above learner.lr=0.001",
+                                                 "set min_lr <= lr"]),
+    "warmup-not-below-steps": (["learner.warmup_steps=300"], ["learner.warmup_steps=300", "lower it"]),
+    "unknown-loss": (["loss.name=forward-kl"], ["unknown loss 'forward-kl'", "loss.name must be one of",
+                                                "forward_kl"]),
+    "unknown-loss-param": (["loss.params={betta: 0.5}"], ["loss.params", "unknown parameter 'betta'",
+                                                          "allowed: ['chunk_size']"]),
+    "bad-loss-param-value": (["loss.name=skew_forward_kl", "loss.params={alpha: 2}"],
+                             ["loss.params", "alpha", "got 2"]),
+    "override-without-equals": (["learner.steps"], ["override 'learner.steps'", "key.path=value"]),
+    "override-into-a-value": (["learner.steps.max=1"], ["learner.steps is a value, not a section",
+                                                        "learner.steps=VALUE"]),
+    "only-teacher-set": (["models.teacher=/models/big"], ["models.teacher and models.student must both "
+                                                          "be set", "both left empty"]),
+    "own-models-without-data": (["models.teacher=/m/a", "models.student=/m/b"],
+                                ["data.train must name the prompt file"]),
+}
+
+
+@pytest.mark.parametrize("overrides,words", CONFIG_CASES.values(), ids=CONFIG_CASES.keys())
+def test_bad_config_value(capsys, overrides, words):
+    assert_one_error(*run_cli(capsys, "check", CONFIG, *overrides), *words)
+
+
+CONFIG_FILES = {
+    "config-file-missing": (None, ["does not exist", "give the path of a YAML config"]),
+    "config-not-yaml": ("learner: [1, 2\n", ["is not valid YAML", "line 2, column 1"]),
+    "config-not-a-mapping": ("- learner\n- data\n", ["must hold a mapping at the top level", "not a list"]),
+}
+
+
+@pytest.mark.parametrize("text,words", CONFIG_FILES.values(), ids=CONFIG_FILES.keys())
+def test_bad_config_file(capsys, tmp_path, text, words):
+    path = tmp_path / "job.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert_one_error(*run_cli(capsys, "check", str(path)), str(path), *words)
+
+
+def test_spill_dir_holding_another_runs_buffer(capsys, toy_world, tmp_path, no_ray):
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    (spill / "manifest.json").write_text(json.dumps({"run_name": "a"}))
+    rc, err = run_cli(capsys, "run", CONFIG, *own(toy_world, f"output_dir={tmp_path / 'runs'}", "name=b",
+                                                  f"buffer.spill_dir={spill}"))
+    assert_one_error(rc, err, "buffer.spill_dir", "holds the replay buffer of run 'a', not 'b'",
+                     "point buffer.spill_dir elsewhere")
+    assert json.loads((spill / "manifest.json").read_text()) == {"run_name": "a"}  # left alone
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def test_data_file_missing(capsys, toy_world, tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={missing}")
+    assert_one_error(rc, err, f"data file {missing} does not exist", "data.train")
+
+
+def test_malformed_json_line(capsys, toy_world, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "sort 1 2 ="}\n{"prompt": "sort 2 1 =",\n')
+    rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={data}")
+    assert_one_error(rc, err, f"{data}: line 2 is not valid JSON", "one object such as")
+
+
+def test_empty_data_file(capsys, toy_world, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n")
+    rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={data}")
+    assert_one_error(rc, err, f"{data} holds no rows", "one {\"prompt\": ...} per row")
+
+
+def test_data_file_not_text(capsys, toy_world, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={data}")
+    assert_one_error(rc, err, f"{data} is not UTF-8 text", "JSONL")
+
+
+def test_parquet_file_that_is_not_parquet(capsys, toy_world, tmp_path):
+    data = tmp_path / "d.parquet"
+    data.write_text('{"prompt": "sort 1 2 ="}\n')
+    rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={data}")
+    assert_one_error(rc, err, f"{data} is not a readable Parquet file", "give Parquet, JSONL")
 
 
 def test_row_without_prompt(capsys, toy_world, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "sort 1 2 =", "response": "1 2"},
                                               {"question": "sort 3 1 =", "response": "1 3"}])
     rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={data}")
-    assert rc == 2 and len(err.splitlines()) == 1
-    assert "row 2 has no 'prompt' string" in err and "d.jsonl" in err
+    assert_one_error(rc, err, "row 2 has no 'prompt' string", "d.jsonl", "every row needs")
 
 
 def test_prompt_longer_than_allowed(capsys, toy_world, tmp_path):
     long = "sort " + " ".join(["1"] * 30) + " ="
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "sort 1 2 ="}, {"prompt": long}])
     rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={data}")
-    assert rc == 2 and len(err.splitlines()) == 1
-    assert "row 2 has a prompt of 33 tokens" in err and "data.max_prompt_tokens=24" in err
+    assert_one_error(rc, err, "row 2 has a prompt of 33 tokens", "data.max_prompt_tokens=24",
+                     "shorten it or raise data.max_prompt_tokens")
+
+
+def test_eval_rows_without_response(capsys, toy_world, tmp_path, no_ray):
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "sort 1 2 =", "response": "1 2"},
+                                                  {"prompt": "sort 3 1 ="}])
+    rc, err = run_cli(capsys, "run", CONFIG, *own(toy_world, f"data.eval={evals}",
+                                                  f"output_dir={tmp_path / 'runs'}"))
+    assert_one_error(rc, err, f"{evals}: row 2 has no 'response'", "evaluation prompts need one each")
+
+
+def test_dataset_off_policy_rows_without_response(capsys, toy_world, tmp_path, no_ray):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "sort 1 2 =", "response": "1 2"},
+                                              {"prompt": "sort 3 1 ="}])
+    rc, err = run_cli(capsys, "run", CONFIG, *models(toy_world), f"data.train={data}",
+                      f"data.eval={toy_world.test_path}", "rollout.off_policy=dataset",
+                      f"output_dir={tmp_path / 'runs'}")
+    assert_one_error(rc, err, "row 2 has no 'response' string", "rollout.off_policy=dataset",
+                     "or set rollout.off_policy=teacher")
+
+
+# --- models --------------------------------------------------------------------------------------
+
+def test_model_dir_without_config_json(capsys, toy_world, tmp_path):
+    rc, err = run_cli(capsys, "check", CONFIG, f"models.teacher={toy_world.teacher_dir}",
+                      f"models.student={tmp_path}", f"data.train={toy_world.train_path}")
+    assert_one_error(rc, err, f"models.student={tmp_path} has no config.json",
+                     "point models.student at a Hugging Face model directory")
+
+
+def test_model_dir_that_does_not_exist(capsys, toy_world, tmp_path):
+    missing = tmp_path / "big"
+    rc, err = run_cli(capsys, "check", CONFIG, f"models.teacher={missing}",
+                      f"models.student={toy_world.student_dir}", f"data.train={toy_world.train_path}")
+    assert_one_error(rc, err, f"models.teacher={missing} does not exist",
+                     "point models.teacher at a Hugging Face model directory")
+
+
+def test_model_dir_without_tokenizer(capsys, toy_world, tmp_path):
+    student = tmp_path / "student"
+    shutil.copytree(toy_world.student_dir, student)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (student / name).unlink()
+    rc, err = run_cli(capsys, "check", CONFIG, f"models.teacher={toy_world.teacher_dir}",
+                      f"models.student={student}", f"data.train={toy_world.train_path}")
+    assert_one_error(rc, err, f"models.student={student} has no tokenizer files",
+                     "tokenizer.save_pretrained")
 
 
 def test_lengths_beyond_the_models_context(capsys, toy_world):
-    rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={toy_world.train_path}",
-                      "data.max_prompt_tokens=60", "data.max_response_tokens=16")
-    assert rc == 2 and len(err.splitlines()) == 1
-    assert "exceeds the teacher's context length 64" in err
+    rc, err = run_cli(capsys, "check", CONFIG, *own(toy_world, "data.max_prompt_tokens=60",
+                                                    "data.max_response_tokens=16"))
+    assert_one_error(rc, err, "data.max_prompt_tokens + data.max_response_tokens = 76",
+                     "exceeds the teacher's context length 64", "lower them")
 
 
 def test_teacher_and_student_with_different_vocabularies(capsys, toy_world, tmp_path):
@@ -74,8 +237,8 @@ def test_teacher_and_student_with_different_vocabularies(capsys, toy_world, tmp_
     tok.save_pretrained(other)
     rc, err = run_cli(capsys, "check", CONFIG, f"models.teacher={toy_world.teacher_dir}",
                       f"models.student={other}", f"data.train={toy_world.train_path}")
-    assert rc == 2 and len(err.splitlines()) == 1
-    assert "vocabularies differ" in err and "vocab_size 48" in err and "has 64" in err
+    assert_one_error(rc, err, "vocabularies differ", "vocab_size 48", "has 64",
+                     "needs one shared vocabulary")
 
 
 def test_same_size_but_different_tokenizer(capsys, toy_world, tmp_path):
@@ -88,13 +251,150 @@ def test_same_size_but_different_tokenizer(capsys, toy_world, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(tok))
     rc, err = run_cli(capsys, "check", CONFIG, f"models.teacher={toy_world.teacher_dir}",
                       f"models.student={other}", f"data.train={toy_world.train_path}")
-    assert rc == 2 and "tokenizers differ (4 token/id pairs disagree)" in err
+    assert_one_error(rc, err, "tokenizers differ (4 token/id pairs disagree)",
+                     "needs the same tokenizer for both models")
+
+
+# --- checkpoints and resume ----------------------------------------------------------------------
+
+def resolved(args):
+    """The config dump ``run`` compares a checkpoint with, for ``ammd run CONFIG *args``."""
+    from cluster.config import load_config
+    from cluster.driver import resolve_inputs
+    return resolve_inputs(load_config(CONFIG, args)).model_dump()
+
+
+def fake_checkpoint(run_dir, config, step=4):
+    """A checkpoint as far as resume and export read it before any actor starts."""
+    from cluster import checkpoint
+    ckpt = run_dir / "checkpoints" / checkpoint.step_name(step)
+    ckpt.mkdir(parents=True)
+    fingerprints = {role: checkpoint.fingerprint(config["models"][role]) for role in ("teacher", "student")}
+    (ckpt / "driver.json").write_text(json.dumps({"config": config, "fingerprints": fingerprints,
+                                                  "trainer": {"step": step}}))
+    (run_dir / "checkpoints" / "latest").write_text(ckpt.name)
+    return ckpt
+
+
+def test_resume_a_run_that_does_not_exist(capsys, toy_world, tmp_path, no_ray):
+    rc, err = run_cli(capsys, "run", CONFIG, *own(toy_world, f"output_dir={tmp_path}", "name=nope"),
+                      "--resume")
+    assert_one_error(rc, err, f"nothing to resume: {tmp_path / 'nope'} does not exist",
+                     "run without --resume")
+
+
+@pytest.mark.parametrize("layout", ["only-unfinished-tmp-checkpoint", "latest-points-at-incomplete-dir"])
+def test_resume_without_a_complete_checkpoint(capsys, toy_world, tmp_path, no_ray, layout):
+    root = tmp_path / "job" / "checkpoints"
+    if layout == "only-unfinished-tmp-checkpoint":
+        (root / ".tmp-step-000004").mkdir(parents=True)
+    else:
+        (root / "step-000004").mkdir(parents=True)
+        (root / "latest").write_text("step-000004")
+    rc, err = run_cli(capsys, "run", CONFIG, *own(toy_world, f"output_dir={tmp_path}", "name=job"),
+                      "--resume")
+    assert_one_error(rc, err, "nothing to resume", "no complete checkpoint under", "learner.save_every",
+                     "run without --resume")
+
+
+def test_resume_from_a_damaged_checkpoint(capsys, toy_world, tmp_path, no_ray):
+    args = own(toy_world, f"output_dir={tmp_path}", "name=job")
+    ckpt = fake_checkpoint(tmp_path / "job", resolved(args))
+    (ckpt / "driver.json").write_text('{"config": {"seed": ')  # cut off mid-write
+    rc, err = run_cli(capsys, "run", CONFIG, *args, "--resume")
+    assert_one_error(rc, err, f"checkpoint {ckpt} is damaged", "cannot be read",
+                     "start over without --resume")
+
+
+def test_resume_with_a_different_config(capsys, toy_world, tmp_path, no_ray):
+    args = own(toy_world, f"output_dir={tmp_path}", "name=job")
+    fake_checkpoint(tmp_path / "job", resolved(args))
+    rc, err = run_cli(capsys, "run", CONFIG, *args, "learner.steps=400", "learner.lr=0.002", "--resume")
+    assert_one_error(rc, err, "cannot resume", "learner.steps: checkpoint 300, now 400",
+                     "learner.lr: checkpoint 0.001, now 0.002", "Resume with the checkpoint's settings")
+
+
+def test_resume_after_the_students_tokenizer_changed(capsys, toy_world, tmp_path, no_ray):
+    student = tmp_path / "student"
+    shutil.copytree(toy_world.student_dir, student)
+    args = [f"models.teacher={toy_world.teacher_dir}", f"models.student={student}",
+            f"data.train={toy_world.train_path}", f"output_dir={tmp_path}", "name=job"]
+    fake_checkpoint(tmp_path / "job", resolved(args))
+    tok = json.loads((student / "tokenizer.json").read_text())
+    (student / "tokenizer.json").write_text(json.dumps(tok))  # same vocabulary, other bytes
+    rc, err = run_cli(capsys, "run", CONFIG, *args, "--resume")
+    assert_one_error(rc, err, "cannot resume", "the student model's tokenizer.json changed since the "
+                     "checkpoint", "start a new run under another name")
+
+
+def test_export_a_path_that_does_not_exist(capsys, tmp_path):
+    rc, err = run_cli(capsys, "export", str(tmp_path / "runs" / "nope"), "--out", str(tmp_path / "out"))
+    assert_one_error(rc, err, "does not exist", "give a run directory (runs/<name>)")
+
+
+def test_export_a_directory_without_checkpoint(capsys, tmp_path):
+    (tmp_path / "run").mkdir()
+    rc, err = run_cli(capsys, "export", str(tmp_path / "run"), "--out", str(tmp_path / "out"))
+    assert_one_error(rc, err, "holds no complete checkpoint", "learner.save_every")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_a_checkpoint_without_deepspeed_state(capsys, toy_world, tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "job", resolved(own(toy_world)))
+    rc, err = run_cli(capsys, "export", str(tmp_path / "job"), "--out", str(tmp_path / "out"))
+    assert_one_error(rc, err, f"checkpoint {ckpt} is incomplete", "no DeepSpeed state",
+                     "export another checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_over_a_directory_that_is_not_a_model(capsys, toy_world, tmp_path):
+    fake_checkpoint(tmp_path / "job", resolved(own(toy_world)))
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    rc, err = run_cli(capsys, "export", str(tmp_path / "job"), "--out", str(out))
+    assert_one_error(rc, err, f"--out {out} is a directory that holds other files and no model",
+                     "give a new or empty directory")
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+USAGE_CASES = {
+    "run-without-config": (["run"], ["the following arguments are required: config", "ammd run --help"]),
+    "unknown-command": (["train", CONFIG], ["invalid choice: 'train'", "ammd --help"]),
+}
+
+
+@pytest.mark.parametrize("argv,words", USAGE_CASES.values(), ids=USAGE_CASES.keys())
+def test_bad_command_line(capsys, argv, words):
+    assert_one_error(*run_cli(capsys, *argv), *words)
 
 
 def test_console_script_reports_one_line_and_exit_2(toy_world):
     ammd = Path(sys.executable).with_name("ammd")
     proc = subprocess.run([str(ammd), "run", CONFIG, "loss.name=forward-kl"], capture_output=True,
                           text=True, cwd=ROOT, env={**os.environ}, timeout=300)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ammd: error:") and "unknown loss 'forward-kl'" in lines[0]
+    assert_one_error(proc.returncode, proc.stderr.strip(), "unknown loss 'forward-kl'")
+
+
+# --- the status API ------------------------------------------------------------------------------
+
+@pytest.fixture
+def api():
+    from fastapi.testclient import TestClient
+
+    from services.status import JobStatus, make_app
+    return TestClient(make_app(JobStatus("t", 10)))
+
+
+def test_api_unknown_path(api):
+    answer = api.get("/x")
+    assert answer.status_code == 404
+    assert answer.json() == {"error": "no such endpoint /x", "endpoints": ["/", "/healthz", "/status", "/metrics"]}
+
+
+def test_api_wrong_method(api):
+    answer = api.post("/status")
+    assert answer.status_code == 405 and answer.headers["allow"] == "GET"
+    assert answer.json() == {"error": "method POST is not allowed on /status; use GET", "allowed": ["GET"]}
