@@ -131,6 +131,15 @@ def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: st
     return learners, pg
 
 
+def wait_started(actors: list, what: str, timeout: float, method: str = "health") -> None:
+    """Wait for freshly started actors to answer, at most ``timeout`` seconds."""
+    try:
+        ray.get([getattr(a, method).remote() for a in actors], timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"{what} did not start within ray.actor_timeout_s={timeout:.0f} s: is the "
+                           f"cluster short of the CPUs/GPUs they ask for? (`ray status` shows it)") from None
+
+
 def rollout_factory(cfg: JobConfig, pair: ModelPair):
     """(role, index) -> a new rollout actor with the job's settings (for restarts)."""
     def make(role: str, index: int):
@@ -143,7 +152,7 @@ def start_rollouts(cfg: JobConfig, pair: ModelPair) -> Rollouts:
     """Start the student and teacher rollout actors and wait until their engines are loaded."""
     students = [_rollout(cfg, "student", cfg.models.student, pair, i) for i in range(cfg.rollout.student_actors)]
     teachers = [_rollout(cfg, "teacher", cfg.models.teacher, pair, i) for i in range(cfg.rollout.teacher_actors)]
-    ray.get([a.health.remote() for a in students + teachers])
+    wait_started(students + teachers, "the rollout actors' engines", cfg.ray.actor_timeout_s)
     return Rollouts(students, teachers, Rollouts.settings_of(cfg))
 
 
@@ -169,7 +178,7 @@ def start_actors(cfg: JobConfig, pair: ModelPair, rollouts: Rollouts | None = No
         rollouts.check_fits(cfg)
     learners, pg = _learners(cfg, cfg.models.student, pair, cfg.models.teacher)
     # ready() returns only after __init__ ran: the DeepSpeed group is formed.
-    ray.get([l.ready.remote() for l in learners])
+    wait_started(learners, "the learner ranks' DeepSpeed group", cfg.ray.actor_timeout_s, "ready")
     return Actors(buffer, rollouts, learners, pg, owns)
 
 

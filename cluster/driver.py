@@ -27,15 +27,15 @@ import ray
 
 from cluster import checkpoint
 from cluster.actors import Actors, Rollouts, rollout_factory, start_actors, stop_actors
-from cluster.config import JobConfig
-from cluster.data import load_prompts, reference_rows
+from cluster.config import ConfigError, JobConfig
+from cluster.data import DataError, load_prompts, reference_rows
 from cluster.evaluate import greedy_score
 from cluster.models import check_models
 from cluster.report import write_report
 from cluster.rollouts import RolloutPump, item_stream, prompt_stream
-from cluster.supervisor import Supervisor
+from cluster.supervisor import ActorLostError, Supervisor
 from cluster.trainer import Trainer
-from services.replay_buffer import copy_snapshot
+from services.replay_buffer import copy_snapshot, spill_owner
 from services.status import JobStatus, StatusServer
 
 
@@ -101,6 +101,10 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
     if cfg.rollout.off_policy == "dataset":
         references = reference_rows(train, pair.tokenizer, pair.stop_token_ids[0],
                                     cfg.data.max_response_tokens, cfg.data.train)
+    missing = next((i for i, p in enumerate(evals, 1) if p.reference is None), None)
+    if missing is not None:
+        raise DataError(f"{cfg.data.eval or cfg.data.train}: row {missing} has no 'response'; the "
+                        f"evaluation prompts need one each (the reference the student is scored against)")
     log(f"{len(train)} training prompts, {len(evals)} evaluation prompts, metric {cfg.eval.metric}")
     run_dir = Path(cfg.output_dir).resolve() / cfg.name
     fingerprints = {"teacher": checkpoint.fingerprint(cfg.models.teacher),
@@ -115,7 +119,7 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
 
     init_ray(cfg)
     status = JobStatus(cfg.name, cfg.learner.steps, actor_timeout_s=cfg.ray.actor_timeout_s)
-    server = StatusServer(status, cfg.status.host, cfg.status.port).start() if cfg.status.enabled else None
+    server = _start_status(status, cfg)
     if server:
         log(f"status at {server.url}/status")
     actors = None
@@ -167,6 +171,10 @@ def _prepare_spill(cfg: JobConfig, run_dir: Path, resume_from: Optional[Path]) -
     if not cfg.buffer.spill and resume_from is None:
         return None
     where = Path(cfg.buffer.spill_dir).resolve() if cfg.buffer.spill_dir else run_dir / "buffer"
+    owner = spill_owner(where)
+    if owner not in (None, cfg.name):  # never delete or take in another job's rows
+        raise ConfigError(f"buffer.spill_dir {where} holds the replay buffer of run '{owner}', not "
+                          f"'{cfg.name}': point buffer.spill_dir elsewhere or remove that directory")
     shutil.rmtree(where, ignore_errors=True)
     if resume_from is not None:
         # Linked, not rebuilt in place: the checkpoint's own copy must stay as it was.
@@ -174,15 +182,28 @@ def _prepare_spill(cfg: JobConfig, run_dir: Path, resume_from: Optional[Path]) -
     return str(where)
 
 
+def _start_status(status: JobStatus, cfg: JobConfig) -> Optional[StatusServer]:
+    if not cfg.status.enabled:
+        return None
+    try:
+        return StatusServer(status, cfg.status.host, cfg.status.port).start()
+    except RuntimeError as err:
+        raise ConfigError(f"status.port: {err}") from None
+
+
 def _score(trainer: Trainer, supervisor: Supervisor, evals, tokenizer, role: str = "student") -> dict:
     """Greedy score of student-0 (or teacher-0); a lost actor is restarted and asked again."""
     name = f"{role}-0"
     group = trainer.actors.students if role == "student" else trainer.actors.teachers
+    timeout, metric = trainer.cfg.ray.actor_timeout_s, trainer.cfg.eval.metric
     try:
-        return greedy_score(group[0], evals, tokenizer, trainer.cfg.eval.metric)
+        return greedy_score(group[0], evals, tokenizer, metric, timeout)
     except ray.exceptions.RayActorError as err:
         supervisor.recover([name], err)
-        return greedy_score(group[0], evals, tokenizer, trainer.cfg.eval.metric)
+        return greedy_score(group[0], evals, tokenizer, metric, timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise ActorLostError(f"{name} did not answer an evaluation within ray.actor_timeout_s="
+                             f"{timeout:.0f} s. {trainer.how_to_resume()}") from None
 
 
 def _report(cfg: JobConfig, trainer: Trainer, pump: RolloutPump, supervisor: Supervisor, after: dict,

@@ -63,7 +63,7 @@ class Supervisor:
         lost = [n for n in names if not self._answers(handles[n])]
         if not lost:
             raise ActorLostError(f"a rollout request failed but its actors ({', '.join(names)}) still "
-                                 f"answer, so the replay buffer is the likely loss: {_first_line(err)}")
+                                 f"answer, so the replay buffer is the likely loss: {first_line(err)}")
         for name in lost:
             self.restart(name, err)
         return lost
@@ -71,7 +71,7 @@ class Supervisor:
     def restart(self, name: str, err: BaseException) -> None:
         role, index = self.kind(name), int(name.split("-")[1])
         now = time.time()
-        self.last_error[name] = _first_line(err)
+        self.last_error[name] = first_line(err)
         recent = self.restarts.setdefault(name, deque())
         while recent and now - recent[0] > self.window_s:
             recent.popleft()
@@ -119,7 +119,7 @@ class Supervisor:
                         self.pids[name] = answer["pid"]
                 except ray.exceptions.RayActorError as err:
                     self.dead.add(name)
-                    self.last_error[name] = _first_line(err)
+                    self.last_error[name] = first_line(err)
         waiting = set(self._pings.values())
         for name, handle in self.handles().items():
             if name not in waiting and name not in self.dead:
@@ -144,6 +144,11 @@ def _ping(handle: Any):
     return handle.ping.remote() if hasattr(handle, "ping") else handle.stats.remote()
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
+def first_line(err: BaseException) -> str:
+    """The line of a Ray error that says what happened (not the task header it starts with)."""
+    import re
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", l).strip() for l in str(err).splitlines()]
+    lines = [l for l in lines if l]
+    telling = [l for l in lines if re.search(r"died|dead|exit|killed|Error:", l, re.I)
+               and not l.startswith("ray::")]
+    return (telling or lines or [type(err).__name__])[0][:300]

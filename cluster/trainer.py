@@ -17,7 +17,7 @@ from cluster import checkpoint
 from cluster.actors import Actors
 from cluster.config import JobConfig
 from cluster.rollouts import Demand
-from cluster.supervisor import ActorLostError
+from cluster.supervisor import ActorLostError, first_line
 from services.status import JobStatus
 
 MAX_NONFINITE_STEPS = 3
@@ -44,17 +44,33 @@ class Trainer:
         self.n_on = int(round(self.global_batch * cfg.buffer.on_policy_fraction))
 
     # -- waiting on actors ----------------------------------------------------------------------
-    def wait(self, refs: Any, who: str) -> Any:
-        """``ray.get`` bounded by ray.actor_timeout_s; a lost actor becomes one clear error."""
-        timeout = self.cfg.ray.actor_timeout_s
-        try:
-            return ray.get(refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise ActorLostError(f"{who} did not answer within ray.actor_timeout_s={timeout:.0f} s. "
-                                 f"{self.how_to_resume()}") from None
-        except ray.exceptions.RayActorError as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            raise ActorLostError(f"{who} died ({first}). {self.how_to_resume()}") from None
+    def wait(self, refs: Any, who: str | list[str]) -> Any:
+        """``ray.get`` bounded by ray.actor_timeout_s; a lost actor becomes one clear error.
+
+        ``refs`` is one ref or a list; ``who`` names the actor (or one per ref). The first
+        failure raises at once: a rank that died must not leave the driver waiting on the
+        ranks stuck in a collective with it.
+        """
+        timeout, many = self.cfg.ray.actor_timeout_s, isinstance(refs, list)
+        names = who if isinstance(who, list) else [who] * (len(refs) if many else 1)
+        pending = list(refs) if many else [refs]
+        index = {ref: i for i, ref in enumerate(pending)}
+        deadline = time.time() + timeout
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.time()))
+            if not done:
+                silent = sorted({names[index[r]] for r in pending})
+                raise ActorLostError(f"{', '.join(silent)} did not answer within ray.actor_timeout_s="
+                                     f"{timeout:.0f} s. {self.how_to_resume()}")
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayActorError as err:
+                raise ActorLostError(f"{names[index[done[0]]]} died ({first_line(err)}). "
+                                     f"{self.how_to_resume()}") from None
+        return ray.get(refs)
+
+    def learner_names(self) -> list[str]:
+        return [f"learner-{i}" for i in range(len(self.actors.learners))]
 
     def how_to_resume(self) -> str:
         if self.last_checkpoint is None:
@@ -84,7 +100,7 @@ class Trainer:
         self._note_lag(table)
         t0 = time.time()
         ref = ray.put(table)
-        results = self.wait([l.train_step.remote(ref) for l in self.actors.learners], "a learner rank")
+        results = self.wait([l.train_step.remote(ref) for l in self.actors.learners], self.learner_names())
         self.train_seconds += time.time() - t0
         if any(r["skipped_nonfinite"] for r in results):
             self.nonfinite_in_a_row += 1
@@ -118,7 +134,7 @@ class Trainer:
         lc = self.cfg.learner
         refs = [l.export_weights.remote(lc.weight_transport, lc.bucket_mib, self.cfg.rollout.dtype)
                 for l in self.actors.learners]
-        self.wait(refs[1:], "a learner rank")  # the other ranks only took part in the gather
+        self.wait(refs[1:], self.learner_names()[1:])  # the other ranks only took part in the gather
         self.payload = refs[0]  # rank 0's buckets; Ray hands them to the students without the driver
         self.version = self.version + 1 if version is None else version
         self.pushed_at = self.step
@@ -136,14 +152,14 @@ class Trainer:
         """Write the student as a HF model directory (every rank takes part in the gather)."""
         lc = self.cfg.learner
         self.wait([l.export_student.remote(str(out_dir), self.cfg.models.student, self.cfg.rollout.dtype,
-                                           lc.bucket_mib) for l in self.actors.learners], "a learner rank")
+                                           lc.bucket_mib) for l in self.actors.learners], self.learner_names())
         return out_dir
 
     def save(self, pump_state: dict, extra: dict) -> Path:
         """A complete checkpoint (see cluster.checkpoint); the caller has drained the rollouts."""
         root = checkpoint.checkpoints_root(self.run_dir)
         tmp = checkpoint.begin(root, self.step)
-        self.wait([l.save.remote(str(tmp), {"step": self.step}) for l in self.actors.learners], "a learner rank")
+        self.wait([l.save.remote(str(tmp), {"step": self.step}) for l in self.actors.learners], self.learner_names())
         self.export_student(tmp / "student")
         self.wait(self.actors.buffer.snapshot.remote(str(tmp / "buffer")), "the replay buffer")
         state = {"trainer": self.state(), "pump": pump_state, **extra}
@@ -158,7 +174,7 @@ class Trainer:
 
     def restore(self, path: Path, state: dict) -> None:
         """Load every rank's state from checkpoint ``path`` and the driver's own from ``state``."""
-        self.wait([l.load.remote(str(path)) for l in self.actors.learners], "a learner rank")
+        self.wait([l.load.remote(str(path)) for l in self.actors.learners], self.learner_names())
         t = state["trainer"]
         self.step, self.version, self.history = t["step"], t["version"], t["history"]
         self.tokens, self.train_seconds, self.max_lag = t["tokens"], t["train_seconds"], t["max_lag"]

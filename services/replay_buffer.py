@@ -339,6 +339,15 @@ class ReplayBuffer:
         print(f"[ammd buffer] recovery: {problem}", flush=True)
 
 
+def spill_owner(spill_dir: str | Path) -> Optional[str]:
+    """The run named in ``spill_dir``'s manifest (None: no manifest, or an unnamed one)."""
+    path = Path(spill_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text()).get("run_name") if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def copy_snapshot(snapshot_dir: str, spill_dir: str) -> None:
     """Link (or copy) snapshot ``snapshot_dir`` into ``spill_dir`` (new or empty), so that
     ``ReplayBuffer(..., spill_dir=spill_dir)`` continues from it while the snapshot stays as

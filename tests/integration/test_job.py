@@ -1,8 +1,11 @@
 """The whole job for real: ``ammd run`` with embedded Ray, vLLM rollouts, DeepSpeed learners.
 
 A short run per staleness bound (0 = synchronous, 1 = one version behind), watched through
-the status endpoint while it runs, then judged by its report.
+the status endpoint while it runs, then judged by its report. The AMM run loses its student
+rollout actor mid-job (its process killed by pid) and must finish all the same; the other
+run's exported student must decode, in plain transformers, what the rollout actor decoded.
 """
+import signal
 import json
 import os
 import subprocess
@@ -40,13 +43,18 @@ def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness, loss
     env = {**os.environ}
     log = (tmp_path / "job.log").open("w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    seen = None
+    seen, killed, before_kill = None, None, None
     deadline = time.time() + 420
     while proc.poll() is None and time.time() < deadline:
         snap = get_json(f"http://127.0.0.1:{port}/status")
         if snap and snap["step"] >= 1 and seen is None:
             seen = snap
             assert get_json(f"http://127.0.0.1:{port}/healthz")["status"] == "ok"
+        pid = snap and snap["actors"].get("student-0", {}).get("pid")
+        if loss == "amm" and killed is None and snap and snap["step"] >= 3 and pid:
+            before_kill = snap["buffer"]["appended_by_source"]
+            os.kill(pid, signal.SIGKILL)  # the real vLLM process, mid-job
+            killed = pid
         time.sleep(0.5)
     if proc.poll() is None:
         proc.kill()
@@ -79,12 +87,47 @@ def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness, loss
     # The default schedule decays linearly from learner.lr to 0 over the 12 steps.
     rates = [h["lr"] for h in report["history"]]
     np.testing.assert_allclose(rates, [1e-3 * (1 - t / 12) for t in range(12)], rtol=1e-6)
-    ckpt = tmp_path / f"job-s{staleness}" / "checkpoints" / "step12"
-    assert ckpt.is_dir()
+    run_dir = tmp_path / f"job-s{staleness}"
+    ckpt = run_dir / "checkpoints" / "step-000012"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-000012"
+    assert report["last_checkpoint"] == str(ckpt) and report["student_dir"] == str(run_dir / "student")
     import torch
-    state = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    state = torch.load(ckpt / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False,
+                       map_location="cpu")
     assert state["lr_scheduler"]["last_epoch"] == 12  # the scheduler is saved with the optimiser
     if loss == "amm":
         # The adversaries' curves are in the report and their state in the checkpoint.
         assert all({"d_on", "d_off", "adversary_loss"} <= set(h) for h in report["history"])
-        assert len(state["objective"]["heads"]) == 2 and "state" in state["objective"]["optimizer"]
+        extra = torch.load(ckpt / "deepspeed" / "rank0-extra.pt", weights_only=False)
+        assert len(extra["objective"]["heads"]) == 2 and "state" in extra["objective"]["optimizer"]
+    if loss == "amm":
+        # The killed student actor was restarted; every acknowledged row is still counted.
+        assert killed is not None, "the student actor was never killed"
+        assert report["restarts"] == {"student-0": 1} and "student-0 died" in text
+        appended = report["buffer_appended_by_source"]
+        assert all(appended[s] >= n for s, n in before_kill.items())
+        assert {s: u["generated"] for s, u in usage.items()} == {s: appended[s] for s in usage}
+    else:
+        check_exported_student(report, run_dir)
+
+
+def check_exported_student(report, run_dir):
+    """The exported student, loaded fresh, decodes greedily what the rollout actor decoded."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cluster.data import load_prompts
+    from tasks.metrics import score
+
+    cfg = report["config"]
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "student").eval()
+    tok = AutoTokenizer.from_pretrained(run_dir / "student")
+    prompts = load_prompts(cfg["data"]["eval"], tok, cfg["data"]["max_prompt_tokens"], limit=cfg["data"]["eval_size"])
+    texts = []
+    with torch.no_grad():
+        for p in prompts:
+            out = model.generate(torch.tensor([p.ids]), max_new_tokens=cfg["data"]["max_response_tokens"],
+                                 do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            texts.append(tok.decode(out[0, len(p.ids):], skip_special_tokens=True).strip())
+    assert [e["output"] for e in report["examples_after"]] == texts[:len(report["examples_after"])]
+    assert score(cfg["eval"]["metric"], texts, [p.reference for p in prompts]) == report["student_score_after"]

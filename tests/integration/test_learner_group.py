@@ -187,3 +187,47 @@ def test_student_export_loads_in_transformers_and_matches_the_push(ray_cluster, 
     again = AutoModelForCausalLM.from_pretrained(export_checkpoint(ckpt, tmp_path / "exported"))
     for name, tensor in again.named_parameters():
         torch.testing.assert_close(tensor.detach(), state[name].detach(), rtol=0, atol=0)
+
+
+def test_amm_learner_state_round_trips_through_a_checkpoint(ray_cluster, tiny_models, tmp_path):
+    """Save after two AMM steps; two more steps, then the same two steps on a fresh group loaded
+    from the checkpoint: every metric (student loss, D_on, D_off, adversary loss, lr, grad norm)
+    equal. The adversaries, their optimiser and scheduler, and the student's ZeRO state all
+    ride in the checkpoint, or the second pair of steps would differ."""
+    from cluster.actors import _learners
+    from cluster.models import ModelPair
+
+    cfg = JobConfig.model_validate({"learner": {"actors": 2, "zero_stage": 2, "lr": 1e-2, "micro_batch": 4,
+                                                "steps": 8},
+                                    "loss": {"name": "amm", "params": {"adv_lr_schedule": "linear"}}})
+    pair = ModelPair(tokenizer=None, vocab_size=VOCAB, pad_id=0, stop_token_ids=[2], max_model_len=64)
+    ref = ray_cluster.put(rows_to_batch(rows(8)))
+
+    def steps(learners, n):
+        out = []
+        for _ in range(n):
+            results = ray_cluster.get([l.train_step.remote(ref) for l in learners])
+            out.append({k: v for k, v in results[0].items() if k != "seconds"})
+        return out
+
+    def stop(learners, pg):
+        from ray.util.placement_group import remove_placement_group
+        for l in learners:
+            ray_cluster.kill(l)
+        remove_placement_group(pg)
+
+    learners, pg = _learners(cfg, tiny_models[0], pair)
+    try:
+        steps(learners, 2)
+        ray_cluster.get([l.save.remote(str(tmp_path), {"step": 2}) for l in learners])
+        want = steps(learners, 2)
+    finally:
+        stop(learners, pg)
+    learners, pg = _learners(cfg, tiny_models[0], pair)
+    try:
+        ray_cluster.get([l.load.remote(str(tmp_path)) for l in learners])
+        got = steps(learners, 2)
+    finally:
+        stop(learners, pg)
+    assert {"d_on", "d_off", "adversary_loss", "lr"} <= set(want[0])
+    assert got == want
