@@ -64,10 +64,25 @@ def commit(root: Path, tmp: Path, step: int, state: dict, keep: int) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     _write_text(root / "latest", final.name)
-    complete = sorted(p for p in root.glob("step-*") if (p / DRIVER_STATE).is_file())
-    for old in complete[:-keep]:
+    older = sorted(p for p in root.glob("step-*") if p.name < final.name and (p / DRIVER_STATE).is_file())
+    for old in older[:max(0, len(older) - (keep - 1))]:  # the new one and the keep-1 before it stay
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def set_aside(run_dir: Path) -> Optional[Path]:
+    """A new (not resumed) job under a name that has checkpoints moves them out of its way,
+    to ``previous-<time>/checkpoints``: starting over must not mix two runs' checkpoints,
+    and must not delete what a forgotten ``--resume`` would have continued."""
+    import time
+
+    root = checkpoints_root(run_dir)
+    if not root.is_dir() or not any(root.iterdir()):
+        return None
+    dest = run_dir / time.strftime("previous-%Y%m%d-%H%M%S") / "checkpoints"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(root, dest)
+    return dest
 
 
 def latest(root: Path) -> Optional[Path]:

@@ -115,6 +115,9 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
         saved = checkpoint.load_state(resume_from)
         checkpoint.check_compatible(saved, cfg.model_dump(), fingerprints)
         log(f"resuming from {resume_from} (step {saved['trainer']['step']} of {cfg.learner.steps})")
+    elif (moved := checkpoint.set_aside(run_dir)) is not None:
+        log(f"starting {cfg.name} over: the checkpoints of its earlier run are kept in {moved} "
+            f"(ammd run ... --resume continues a run instead)")
     spill_dir = _prepare_spill(cfg, run_dir, resume_from)
 
     init_ray(cfg)
@@ -129,7 +132,7 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
         trainer = Trainer(cfg, actors, status, run_dir, resume_hint or "ammd run CONFIG --resume", log)
         supervisor = Supervisor(actors, rollout_factory(cfg, pair), trainer.weights,
                                 max_restarts=cfg.rollout.max_restarts, window_s=cfg.rollout.restart_window_s,
-                                timeout_s=cfg.ray.actor_timeout_s, log=log)
+                                timeout_s=cfg.ray.actor_timeout_s, log=log, how_to_resume=trainer.how_to_resume)
         pump = RolloutPump(actors.students, actors.teachers, actors.buffer, prompt_stream(train, cfg.seed),
                            item_stream(references, cfg.seed + 1) if references else None,
                            batch_size=cfg.rollout.prompts_per_batch, supervisor=supervisor,

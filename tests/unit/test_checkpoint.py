@@ -65,3 +65,20 @@ def test_fingerprint_follows_the_files(tmp_path):
     first = checkpoint.fingerprint(str(tmp_path))
     (tmp_path / "config.json").write_text('{"a": 1}')
     assert checkpoint.fingerprint(str(tmp_path)) != first and set(first) == {"config.json"}
+
+
+def test_pruning_never_drops_the_checkpoint_just_written(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        save(root, step)
+    save(root, 20)  # a resumed job saving an earlier step again (its newer sibling is stale)
+    assert checkpoint.latest(root).name == "step-000020"
+
+
+def test_starting_over_sets_the_earlier_runs_checkpoints_aside(tmp_path):
+    run = tmp_path / "run"
+    save(checkpoint.checkpoints_root(run), 10)
+    moved = checkpoint.set_aside(run)
+    assert (moved / "step-000010" / "payload").read_text() == "10"
+    assert checkpoint.latest(checkpoint.checkpoints_root(run)) is None
+    assert checkpoint.set_aside(run) is None  # nothing left to move

@@ -1,0 +1,116 @@
+"""The supervisor's restart rules on real Ray actors.
+
+The rollout actor is replaced by ``Echo``, a Ray actor with the same four methods the
+supervisor calls (ping, health, load_weights, and a request); starting vLLM for each of
+the restarts below would cost minutes and test nothing more about the rules. The real rollout
+actor's restart, killed by pid mid-job, is in test_job.py.
+"""
+import os
+import signal
+import time
+
+import pytest
+import ray
+
+from cluster.supervisor import ActorLostError, Supervisor
+
+pytestmark = pytest.mark.slow
+
+
+@ray.remote(num_cpus=0, concurrency_groups={"health": 1})
+class Echo:
+    def __init__(self):
+        self.version = None
+
+    @ray.method(concurrency_group="health")
+    def ping(self):
+        return {"pid": os.getpid(), "time": time.time()}
+
+    def health(self):
+        return {"pid": os.getpid()}
+
+    def load_weights(self, payload, version):
+        self.version = (payload, version)
+        return version
+
+    def loaded(self):
+        return self.version
+
+
+class Group:
+    """What the supervisor needs of cluster.actors.Actors: the lists it replaces handles in."""
+
+    def __init__(self, students, teachers):
+        self.students, self.teachers, self.learners, self.buffer = students, teachers, [], Echo.remote()
+
+
+def kill(handle):
+    os.kill(ray.get(handle.ping.remote())["pid"], signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(handle.health.remote(), timeout=30)
+
+
+def states(sup, until: str, within: float = 60.0) -> dict:
+    """Probe until some actor reaches ``until`` (pings are answered asynchronously)."""
+    deadline = time.time() + within
+    while True:
+        sup.probe()
+        now = {n: h["state"] for n, h in sup.health().items()}
+        if until in now.values() and (until != "alive" or set(now.values()) == {"alive"}) \
+                or time.time() > deadline:
+            return now
+        time.sleep(0.2)
+
+
+def test_lost_actors_are_replaced_loaded_and_limited(ray_cluster):
+    group = Group([Echo.remote()], [Echo.remote()])
+    made = []
+
+    def make(role, index):
+        made.append((role, index))
+        return Echo.remote()
+
+    logs = []
+    sup = Supervisor(group, make, weights=lambda: ("weights-v3", 3), max_restarts=2, window_s=3600,
+                     timeout_s=30, log=logs.append, how_to_resume=lambda: "resume with X")
+    assert states(sup, "alive") == {"student-0": "alive", "teacher-0": "alive", "buffer": "alive"}
+
+    old = group.students[0]
+    kill(old)
+    err = ray.exceptions.RayActorError()
+    assert sup.recover(["student-0", "teacher-0"], err) == ["student-0"]  # the teacher still answers
+    assert group.students[0] is not old and made == [("student", 0)]
+    assert ray.get(group.students[0].loaded.remote()) == ("weights-v3", 3)  # current weights, version
+    assert sup.health()["student-0"]["restarts"] == 1 and sup.restart_counts() == {"student-0": 1}
+
+    kill(group.teachers[0])
+    assert states(sup, "dead")["teacher-0"] == "dead"  # seen dead by its ping, before any request
+    sup.recover(["teacher-0"], err)
+    assert ray.get(group.teachers[0].loaded.remote()) is None  # teachers keep their own weights
+    assert sup.health()["teacher-0"]["state"] == "alive"
+
+    kill(group.students[0])
+    sup.recover(["student-0"], err)  # the second restart within the window: still allowed
+    kill(group.students[0])
+    with pytest.raises(ActorLostError, match=r"student-0 died 3 times within 3600 s \(rollout.max_restarts=2\)"
+                                             r".*resume with X"):
+        sup.recover(["student-0"], err)
+
+
+def test_a_failed_request_whose_actors_all_answer_blames_the_buffer(ray_cluster):
+    group = Group([Echo.remote()], [Echo.remote()])
+    sup = Supervisor(group, lambda r, i: Echo.remote(), weights=lambda: (None, 0), timeout_s=30)
+    with pytest.raises(ActorLostError, match="replay buffer is the likely loss"):
+        sup.recover(["student-0", "teacher-0"], RuntimeError("append failed"))
+
+
+def test_the_restart_window_forgets_old_restarts(ray_cluster):
+    group = Group([Echo.remote()], [])
+    sup = Supervisor(group, lambda r, i: Echo.remote(), weights=lambda: (None, 0), max_restarts=1,
+                     window_s=2, timeout_s=30)
+    kill(group.students[0])
+    sup.recover(["student-0"], RuntimeError("x"))
+    time.sleep(2.5)  # the first restart falls out of the window
+    kill(group.students[0])
+    sup.recover(["student-0"], RuntimeError("y"))
+    assert sup.restart_counts() == {"student-0": 2}
