@@ -75,6 +75,13 @@ METHODS: dict[str, tuple[str, list[str]]] = {
         "loss.name=generalized_jsd", "loss.params.beta=0.5", "rollout.off_policy=dataset", *_MIXED]),
     **{amm_label(b): ("student" if b == 0 else "teacher" if b == 1 else "mixed", _amm(b))
        for b in AMM_GRID},
+    # AMM's adversary classes (learner/amm.py AdversaryClass) and the oracle diagnosis: the
+    # class's analytic best response instead of a learned head, at beta 0.5.
+    **{f"AMM {name} (beta=0.5)": ("mixed", _amm(0.5) + [f"loss.params.{k}" for k in extra]) for name, extra in (
+        ("oracle", ["adversary=oracle"]),
+        ("chi2", ["adversary_class=chi2"]),
+        ("chi2 oracle", ["adversary_class=chi2", "adversary=oracle"]),
+        ("chi2 full-gradient", ["adversary_class=chi2", "penalty_grad=full"]))},
     # The learning-rate schedule's ablation (forward KL; the default schedule is linear decay).
     **{f"FKL ({name})": ("mixed", ["loss.name=forward_kl", *_MIXED, *extra]) for name, extra in (
         ("constant lr", ["learner.lr_schedule=constant"]), ("cosine lr", ["learner.lr_schedule=cosine"]),

@@ -126,7 +126,8 @@ def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: st
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
         learners.append(cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=strategy,
                                     runtime_env=actor_env(lc.threads, extra)).remote(
-            rank, lc.actors, master, student_dir, lc.model_dump(), cfg.loss.model_dump(),
+            rank, lc.actors, master, student_dir, lc.model_dump(),
+            {**cfg.loss.model_dump(), "sampling_temperature": cfg.rollout.temperature},
             cfg.seed, pair.pad_id, lc.threads, teacher_dir))
     return learners, pg
 

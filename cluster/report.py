@@ -56,8 +56,13 @@ def plot_curves(history: list[dict], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)
     for ax, (key, title) in zip(axes[0], series):
-        points = [(h["step"], h[key]) for h in history if key in h]
-        ax.plot([p[0] for p in points], [p[1] for p in points], lw=1)
+        for name, style in ((key, "-"), (f"{key}_true", "--")):  # AMM: the best response's distance
+            points = [(h["step"], h[name]) for h in history if name in h]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, lw=1,
+                        label="learned adversary" if name == key else "best response (oracle)")
+        if any(f"{key}_true" in h for h in history):
+            ax.legend(fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("learner step", fontsize=8)
     fig.tight_layout()

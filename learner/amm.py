@@ -49,23 +49,68 @@ from learner.schedule import SCHEDULES
 from learner.teacher_signal import TeacherSignal, TopKSignal
 
 TAILS = ("student_mean", "zero")
+CLASSES = ("bounded", "chi2")
+ADVERSARIES = ("learned", "oracle")
+PENALTY_GRADS = ("detached", "full")
 BASELINES = ("loo", "none")
 RETURNS = ("full", "to_go")
 HEADS = ("linear", "mlp", "logratio")
 
 
-class QHead(nn.Module):
-    """f(s, .) in [-1, 1]^V from a hidden state h_s of size ``hidden``.
+@dataclass(frozen=True)
+class AdversaryClass:
+    """The function class the adversary plays in, and its analytic best response.
 
-    - ``linear``: tanh(W h + b);  ``mlp``: tanh(W2 gelu(W1 h + b1) + b2);
-    - ``logratio``: tanh(W h + b + c * (log p - log q)), a linear head that also sees the
-      per-token log-ratio of teacher and student (``log_ratio``), with a learned scale c.
-      sign(log p - log q) = sign(p - q) is the best response, so this head can reach it where
-      a head on the student's own hidden state alone chases a moving target.
+    - ``bounded``: f(s, a) in [-1, 1] (tanh). Best response sign(p - q); the value of the
+      game, sum_a |p - q|, is twice the total-variation distance.
+    - ``chi2``: f unbounded, the adversary maximising gap - lam * E_{a~q} f(s, a)^2. Best
+      response f* = (p/q - 1) / (2 lam); the value is chi^2(p || q) / (4 lam). With f* held
+      fixed and the penalty's q detached (``penalty_grad="detached"``), the student's gradient
+      on its logits is (q - p) / (2 lam), forward KL's direction. Differentiating the penalty
+      through q as well (``"full"``, the envelope theorem's gradient of the value) descends
+      chi^2 itself: -(p^2/q - q sum_a p^2/q) / (4 lam).
     """
 
-    def __init__(self, hidden: int, vocab: int, kind: str = "linear", width: Optional[int] = None):
+    kind: str = "bounded"
+    lam: float = 1.0
+
+    def squash(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z) if self.kind == "bounded" else z
+
+    def feature(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        """What a ``logratio`` head adds, scaled: its best response is a function of it."""
+        if self.kind == "bounded":
+            return log_ratio.clamp(-20, 20)
+        return torch.expm1(log_ratio.clamp(max=10))
+
+    def best_response(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        if self.kind == "bounded":
+            return torch.sign(log_ratio)
+        return torch.expm1(log_ratio.clamp(max=10)) / (2 * self.lam)
+
+    def penalty(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """[n] lam * sum_a q(a) f(a)^2 (0 for the bounded class)."""
+        if self.kind == "bounded":
+            return torch.zeros(q.shape[:-1], dtype=q.dtype, device=q.device)
+        return self.lam * (q * f * f).sum(-1)
+
+
+class QHead(nn.Module):
+    """f(s, .) from a hidden state h_s of size ``hidden``, squashed by its class (tanh for
+    the bounded class, nothing for chi2):
+
+    - ``linear``: W h + b;  ``mlp``: W2 gelu(W1 h + b1) + b2;
+    - ``logratio``: W h + b + c * feature(log p - log q), a linear head that also sees the
+      per-token log-ratio of teacher and student (``log_ratio``), with a learned scale c. The
+      feature is the log-ratio itself (bounded: sign of it is the best response) or p/q - 1
+      (chi2: the best response is proportional to it), so this head can reach the best
+      response where a head on the student's own hidden state alone chases a moving target.
+    """
+
+    def __init__(self, hidden: int, vocab: int, kind: str = "linear", width: Optional[int] = None,
+                 cls: AdversaryClass = AdversaryClass()):
         super().__init__()
+        self.cls = cls
         if kind not in HEADS:
             raise ValueError(f"unknown AMM head {kind!r}; loss.params.head must be one of {HEADS}")
         self.kind = kind
@@ -85,8 +130,8 @@ class QHead(nn.Module):
         if self.scale is not None:
             if log_ratio is None:
                 raise ValueError("the 'logratio' AMM head needs the teacher/student log-ratio")
-            z = z + self.scale * log_ratio.to(z.dtype).clamp(-20, 20)
-        return torch.tanh(z)
+            z = z + self.scale * self.cls.feature(log_ratio.to(z.dtype))
+        return self.cls.squash(z)
 
     @property
     def net_dtype(self) -> torch.dtype:
@@ -96,16 +141,24 @@ class QHead(nn.Module):
 def log_ratio(student_logits: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
     """[..., V] log p(a) - log q(a). With a top-k signal a token outside the top-k gets the
     tail's ratio log p_tail - log q_tail (the same student-proportional tail as the gap)."""
-    logq = torch.log_softmax(student_logits.float(), -1)
+    dt = compute_dtype(student_logits)
+    logq = torch.log_softmax(student_logits.to(dt), -1)
     if isinstance(teacher, torch.Tensor):
-        return torch.log_softmax(teacher.float(), -1) - logq
+        return torch.log_softmax(teacher.to(dt), -1) - logq
     v = logq.shape[-1]
     valid, covered = topk_cover(teacher, v)
     ids = torch.where(valid, teacher.ids, v)
     logq_tail = torch.logsumexp(logq.masked_fill(covered, _NEG), -1).clamp(min=TAIL_LOG_FLOOR)
-    out = (teacher.tail_logmass.float().clamp(min=TAIL_LOG_FLOOR) - logq_tail)[..., None].expand_as(logq).clone()
-    top = teacher.logprobs.float() - logq.gather(-1, teacher.ids)
-    return out.scatter(-1, ids.clamp(max=v - 1), torch.where(valid, top, out.gather(-1, ids.clamp(max=v - 1))))
+    out = (teacher.tail_logmass.to(dt).clamp(min=TAIL_LOG_FLOOR) - logq_tail)[..., None].expand_as(logq).clone()
+    top = teacher.logprobs.to(dt) - logq.gather(-1, ids.clamp(max=v - 1))
+    # A padded slot must write nowhere new: it repeats the row's first real slot (same index,
+    # same value), or, in a row with none, rewrites the last column's own value. Sending it to
+    # column V-1 with another value would race a real slot naming token V-1.
+    has = valid.any(-1, keepdim=True)
+    first = valid.to(torch.int8).argmax(-1, keepdim=True)
+    safe_id = torch.where(has, ids.gather(-1, first), v - 1)
+    safe_val = torch.where(has, top.gather(-1, first), out[..., -1:])
+    return out.scatter(-1, torch.where(valid, ids, safe_id), torch.where(valid, top, safe_val))
 
 
 # ------------------------------------------------------------------------ the moment gap
@@ -142,19 +195,36 @@ def moment_gap(student_logits: torch.Tensor, teacher: TeacherSignal, q_values: t
 
 # --------------------------------------------------------------------- distances, weights
 
-def row_weights(mask: torch.Tensor, is_on_policy: torch.Tensor, beta: float) -> tuple[torch.Tensor, ...]:
+def row_counts(is_on_policy: torch.Tensor, totals: Optional[tuple[int, int, int]] = None) -> tuple[float, float]:
+    """The numbers of on- and off-policy rows a rank divides by.
+
+    ``totals`` = (on-policy rows, off-policy rows, ranks) of the whole learner batch. A rank
+    divides by the batch's counts over the number of ranks, so that the mean of the ranks'
+    losses (what data-parallel training descends) is the whole batch's loss even when its
+    rows do not split evenly between ranks. None: this rank's rows are the whole batch.
+    """
+    if totals is None:
+        on = is_on_policy.to(torch.bool)
+        return float(max(int(on.sum()), 1)), float(max(int((~on).sum()), 1))
+    n_on, n_off, ranks = totals
+    return max(n_on, 1) / ranks, max(n_off, 1) / ranks
+
+
+def row_weights(mask: torch.Tensor, is_on_policy: torch.Tensor, beta: float,
+                totals: Optional[tuple[int, int, int]] = None) -> tuple[torch.Tensor, ...]:
     """Per-position weights w with sum_t w g_t = the batch's D_on, D_off and L.
 
-    A row's positions get 1/|y| divided by the number of rows of its kind; L's weights scale
-    the on-policy rows by (1 - beta) and the off-policy rows by beta. Returns (w_on, w_off, w_L).
+    A row's positions get 1/|y| divided by the number of rows of its kind (``row_counts``);
+    L's weights scale the on-policy rows by (1 - beta) and the off-policy rows by beta.
+    Returns (w_on, w_off, w_L).
     """
     m = mask.to(torch.float64)
     lengths = m.sum(1).clamp(min=1)
     on = is_on_policy.to(torch.bool)
-    n_on, n_off = int(on.sum()), int((~on).sum())
+    n_on, n_off = row_counts(on, totals)
     per_pos = m / lengths[:, None]
-    w_on = per_pos * on[:, None] / max(n_on, 1)
-    w_off = per_pos * (~on)[:, None] / max(n_off, 1)
+    w_on = per_pos * on[:, None] / n_on
+    w_off = per_pos * (~on)[:, None] / n_off
     return w_on, w_off, (1 - beta) * w_on + beta * w_off
 
 
@@ -183,6 +253,12 @@ def position_chunks(mask: torch.Tensor, chunk_size: int):
         yield rows[start:start + chunk_size], cols[start:start + chunk_size]
 
 
+def oracle_values(cls: AdversaryClass, student_logits: torch.Tensor, teacher: TeacherSignal,
+                  index: tuple) -> torch.Tensor:
+    """[n, V] the class's best response at positions ``index`` (the same on both row kinds)."""
+    return cls.best_response(log_ratio(student_logits[index].detach(), _select(teacher, index)))
+
+
 def adversary_values(heads: tuple[QHead, QHead], hidden: torch.Tensor, student_logits: torch.Tensor,
                      teacher: TeacherSignal, is_on_policy: torch.Tensor, index: tuple) -> torch.Tensor:
     """[n, V] values f(s, .) at positions ``index``: f_on on student rows, f_off on teacher rows."""
@@ -204,14 +280,23 @@ def _values_at(q_values: Any) -> Callable[[tuple], torch.Tensor]:
     return q_values if callable(q_values) else (lambda index: q_values[index])
 
 
-def _student_terms(x, side, tail, f_at):
-    """w_direct * g(s) + w_pg * log q(y|s) for [n, V] student logits (f is held fixed)."""
+def _value_rows(x: torch.Tensor, teacher: TeacherSignal, f: torch.Tensor, tail: str, cls: AdversaryClass,
+                penalised: bool) -> torch.Tensor:
+    """[n] the game's value at each state: the gap, minus the class's penalty if ``penalised``."""
+    gap = _gap_rows(x, teacher, f, tail)
+    if not penalised or cls.kind == "bounded":
+        return gap
+    return gap - cls.penalty(torch.softmax(x.to(gap.dtype), -1), f.to(gap.dtype))
+
+
+def _student_terms(x, side, tail, f_at, cls, penalised, temperature):
+    """w_direct * v(s) + w_pg * log q_T(y|s) for [n, V] student logits (f is held fixed)."""
     teacher, rows, cols, y, w_direct, w_pg = side
     with torch.no_grad():
         f = f_at((rows, cols)).detach()
-    gap = _gap_rows(x, teacher, f, tail)
-    logq = torch.log_softmax(x.to(gap.dtype), dim=-1).gather(1, y[:, None])[:, 0]
-    return w_direct.to(gap.dtype) * gap + w_pg.to(gap.dtype) * logq
+    value = _value_rows(x, teacher, f, tail, cls, penalised)
+    logq = torch.log_softmax(x.to(value.dtype) / temperature, dim=-1).gather(1, y[:, None])[:, 0]
+    return w_direct.to(value.dtype) * value + w_pg.to(value.dtype) * logq
 
 
 @dataclass
@@ -224,40 +309,51 @@ class StudentInputs:
 
 
 @torch.no_grad()
-def _gaps_and_logq(student_logits, teacher, f_at, y, mask, tail, chunk_size):
-    """[B, T] moment gaps and log q(y_t|s_t), computed chunk by chunk without a graph."""
+def _gaps_and_logq(student_logits, teacher, f_at, y, mask, tail, chunk_size, cls, penalised, temperature):
+    """[B, T] values of the game (the moment gap, less the penalty if ``penalised``), the
+    penalised values, and log q_T(y_t|s_t) under the sampling temperature, a chunk at a time."""
     dt = compute_dtype(student_logits)
-    gap = torch.zeros(mask.shape, dtype=dt, device=student_logits.device)
-    logq = torch.zeros(mask.shape, dtype=dt, device=student_logits.device)
+    gap, value, logq = (torch.zeros(mask.shape, dtype=dt, device=student_logits.device) for _ in range(3))
     for index in position_chunks(mask, chunk_size):
         x = student_logits[index].detach().to(dt)
-        gap[index] = _gap_rows(x, _select(teacher, index), f_at(index).detach(), tail)
-        logq[index] = torch.log_softmax(x, -1).gather(1, y[index][:, None])[:, 0]
-    return gap, logq
+        f = f_at(index).detach()
+        gap[index] = _value_rows(x, _select(teacher, index), f, tail, cls, penalised)
+        value[index] = _value_rows(x, _select(teacher, index), f, tail, cls, True)
+        logq[index] = torch.log_softmax(x / temperature, -1).gather(1, y[index][:, None])[:, 0]
+    return gap, value, logq
 
 
 def student_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values: Any,
                  batch: StudentInputs, beta: float, *, tail: str = "student_mean",
                  baseline_kind: str = "loo", ratio_clip: float = 2.0, returns: str = "full",
-                 pg_coef: float = 1.0,
+                 pg_coef: float = 1.0, cls: AdversaryClass = AdversaryClass(),
+                 penalty_grad: str = "detached", temperature: float = 1.0,
+                 totals: Optional[tuple[int, int, int]] = None,
                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, dict[str, float]]:
     """The student's surrogate: its gradient estimates grad L (see the module docstring).
 
     ``q_values`` are the adversaries' values, f_on on on-policy rows and f_off on off-policy
     rows, as a [B, T, V] tensor or a function of a (rows, cols) index (so they too are built a
-    chunk at a time); they are treated as constants here.
+    chunk at a time); they are treated as constants here. ``cls``/``penalty_grad``: a chi2
+    adversary's penalty is part of what the student descends only with "full"
+    (``AdversaryClass``). ``temperature``: the rollouts' sampling temperature, so the
+    policy-gradient term and the importance ratio use the policy that sampled (q at T).
+    ``totals``: the whole batch's row counts (``row_counts``).
     """
     mask, on = batch.mask.to(torch.bool), batch.is_on_policy.to(torch.bool)
     f_at, y = _values_at(q_values), batch.response_ids.long()
-    gap, logq = _gaps_and_logq(student_logits, teacher, f_at, y, mask, tail, chunk_size)
+    penalised = penalty_grad == "full"
+    gap, value, logq = _gaps_and_logq(student_logits, teacher, f_at, y, mask, tail, chunk_size, cls,
+                                      penalised, temperature)
     with torch.no_grad():
-        w_on, w_off, w_all = row_weights(mask, on, beta)
+        w_on, w_off, w_all = row_weights(mask, on, beta, totals)
+        n_on_norm = row_counts(on, totals)[0]
         if returns == "full":  # every action of a row is credited with the row's return R
             R = (gap * mask).sum(1) / mask.sum(1).clamp(min=1)
             n_on = int(on.sum())
             b = ((R * on).sum() - R) / max(n_on - 1, 1) if baseline_kind == "loo" and n_on > 1 \
                 else torch.zeros_like(R)
-            credit = (on[:, None] & mask) * (R - b)[:, None].double() / max(n_on, 1)
+            credit = (on[:, None] & mask) * (R - b)[:, None].double() / n_on_norm
         else:
             G = returns_to_go(gap.double(), mask)
             credit = w_on * (G - baseline(G, mask, on, baseline_kind))
@@ -266,27 +362,47 @@ def student_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values:
     b_idx, t_idx = torch.meshgrid(torch.arange(mask.shape[0], device=mask.device),
                                   torch.arange(mask.shape[1], device=mask.device), indexing="ij")
     side = (teacher, b_idx, t_idx, y, w_all, w_pg)
-    loss = chunked_sum(_student_terms, student_logits, side, mask, chunk_size, tail=tail, f_at=f_at)
-    d_on, d_off = float((w_on * gap).sum()), float((w_off * gap).sum())
+    loss = chunked_sum(_student_terms, student_logits, side, mask, chunk_size, tail=tail, f_at=f_at,
+                       cls=cls, penalised=penalised, temperature=temperature)
+    d_on, d_off = float((w_on * value).sum()), float((w_off * value).sum())
     return loss, {"d_on": d_on, "d_off": d_off, "amm_objective": (1 - beta) * d_on + beta * d_off}
+
+
+@torch.no_grad()
+def true_distances(student_logits: torch.Tensor, teacher: TeacherSignal, mask: torch.Tensor,
+                   is_on_policy: torch.Tensor, cls: AdversaryClass, tail: str,
+                   totals: Optional[tuple[int, int, int]] = None,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, float]:
+    """D_on and D_off at the class's best response: what a perfect adversary would measure
+    (bounded: sum |p - q|; chi2: chi^2(p || q) / (4 lam)), to set beside the learned ones."""
+    dt = compute_dtype(student_logits)
+    value = torch.zeros(mask.shape, dtype=dt, device=student_logits.device)
+    for index in position_chunks(mask, chunk_size):
+        f = oracle_values(cls, student_logits, teacher, index)
+        value[index] = _value_rows(student_logits[index].detach().to(dt), _select(teacher, index), f, tail,
+                                   cls, True)
+    w_on, w_off, _ = row_weights(mask, is_on_policy, 0.5, totals)
+    return {"d_on_true": float((w_on * value).sum()), "d_off_true": float((w_off * value).sum())}
 
 
 def adversary_step(heads: tuple[QHead, QHead], optimizer: torch.optim.Optimizer, hidden: torch.Tensor,
                    student_logits: torch.Tensor, teacher: TeacherSignal, mask: torch.Tensor,
                    is_on_policy: torch.Tensor, beta: float, tail: str,
                    reduce_grads: Callable[[list[torch.Tensor]], None] = lambda grads: None,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, totals: Optional[tuple[int, int, int]] = None) -> float:
     """One ascent step of both adversaries on L (minimising -L); returns -L before the step.
 
-    The gradient is accumulated a chunk of positions at a time, so only one chunk's [n, V]
-    values and gap terms exist at once.
+    L is the moment gap less the class's penalty (chi2: lam * E_q f^2, q the student's,
+    detached). The gradient is accumulated a chunk of positions at a time, so only one
+    chunk's [n, V] values and gap terms exist at once.
     """
-    _, _, w_all = row_weights(mask, is_on_policy, beta)
+    _, _, w_all = row_weights(mask, is_on_policy, beta, totals)
+    cls = heads[0].cls
     optimizer.zero_grad(set_to_none=False)
     total = 0.0
     for index in position_chunks(mask, chunk_size):
         f = adversary_values(heads, hidden, student_logits, teacher, is_on_policy, index)
-        gap = _gap_rows(student_logits[index].detach(), _select(teacher, index), f, tail)
+        gap = _value_rows(student_logits[index].detach(), _select(teacher, index), f, tail, cls, True)
         loss = -(w_all[index].to(gap.dtype) * gap).sum()
         loss.backward()
         total += float(loss.detach())
@@ -313,6 +429,13 @@ AMM_DEFAULTS: dict[str, Any] = {
     "pg_coef": 0.2,        # weight of the policy-gradient term: 1 = exact gradient of D_on,
                            # 0 = on-policy states treated as data (as GKD-style trainers do);
                            # 0.2 trades bias for variance (measured on the toy task, see README)
+    "adversary_class": "bounded",  # "bounded" (f in [-1, 1]) | "chi2" (penalised, unbounded): AdversaryClass
+    "chi2_lambda": 0.5,    # the chi2 penalty's weight lam: the best response is (p/q - 1) / (2 lam);
+                           # 0.5 gives the student forward KL's gradient, q - p, at the optimum
+    "penalty_grad": "detached",  # chi2: "detached" (student descends the gap, forward-KL direction)
+                           # | "full" (it descends gap - penalty too: the gradient of chi^2)
+    "adversary": "learned",  # "learned" heads | "oracle": the class's analytic best response
+                           # (a diagnosis: what the objective can do with a perfect adversary)
     "chunk_size": DEFAULT_CHUNK_SIZE,
 }
 
@@ -333,6 +456,10 @@ def resolve_amm_params(params: dict[str, Any]) -> dict[str, Any]:
               ("returns", out["returns"] in RETURNS, f"one of {RETURNS}"),
               ("ratio_clip", float(out["ratio_clip"]) >= 1, "a number >= 1"),
               ("pg_coef", float(out["pg_coef"]) >= 0, "a number >= 0"),
+              ("adversary_class", out["adversary_class"] in CLASSES, f"one of {CLASSES}"),
+              ("chi2_lambda", float(out["chi2_lambda"]) > 0, "a positive number"),
+              ("penalty_grad", out["penalty_grad"] in PENALTY_GRADS, f"one of {PENALTY_GRADS}"),
+              ("adversary", out["adversary"] in ADVERSARIES, f"one of {ADVERSARIES}"),
               ("chunk_size", isinstance(out["chunk_size"], int) and out["chunk_size"] >= 1, "an integer >= 1")]
     for key, ok, want in checks:
         if not ok:

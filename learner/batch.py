@@ -8,6 +8,7 @@ whole batch (a view, no gather). Position ids are counted from each row's first 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +30,9 @@ class LearnerBatch:
     is_on_policy: torch.Tensor       # [B] bool: sampled by the student
     policy_version: torch.Tensor     # [B]
     teacher: TopKSignal              # [B, R, k], [B, R, k], [B, R]
+    # (on-policy rows, off-policy rows, ranks) of the whole learner batch this one is a rank's
+    # share of; None = this is the whole batch (learner.amm.row_counts)
+    totals: Optional[tuple[int, int, int]] = None
 
     @property
     def num_tokens(self) -> int:

@@ -80,7 +80,7 @@ class LearnerWorker:
             model.gradient_checkpointing_enable()
         self.objective = make_objective(loss, hidden_size=model.config.hidden_size,
                                         vocab_size=model.config.vocab_size, device=self.device,
-                                        steps=learner["steps"])
+                                        steps=learner["steps"], temperature=loss.get("sampling_temperature", 1.0))
         optimizer = torch.optim.AdamW(model.parameters(), lr=learner["lr"],
                                       weight_decay=learner["weight_decay"])
         # DeepSpeed steps the scheduler inside engine.step() and keeps it in its checkpoints.
@@ -115,7 +115,9 @@ class LearnerWorker:
 
         t0 = time.time()
         shard = table.take(list(range(self.rank, table.num_rows, self.world_size)))
-        batch = collate(shard, self.pad_id).to(self.device)
+        n_on = sum(1 for s in table.column("source").to_pylist() if s == "student")
+        batch = dataclasses.replace(collate(shard, self.pad_id),
+                                    totals=(n_on, table.num_rows - n_on, self.world_size)).to(self.device)
         out = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           position_ids=batch.position_ids, output_hidden_states=self.objective.needs_hidden)
         if self.teacher is not None:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from learner.amm import (QHead, StudentInputs, adversary_step, adversary_values, resolve_amm_params,
+from learner.amm import (AdversaryClass, QHead, StudentInputs, adversary_step, adversary_values,
+                         oracle_values, resolve_amm_params, true_distances,
                          student_loss)
 from learner.batch import LearnerBatch
 from learner.losses import LOSSES, get_loss
@@ -58,9 +59,13 @@ class AMMObjective:
     needs_hidden = True
 
     def __init__(self, params: dict[str, Any], *, hidden_size: int, vocab_size: int, device="cpu",
-                 steps: int = 1):
+                 steps: int = 1, temperature: float = 1.0):
         self.params = resolve_amm_params(params)
-        self.heads = tuple(QHead(hidden_size, vocab_size, self.params["head"]).to(device) for _ in range(2))
+        self.temperature = temperature  # the rollouts' sampling temperature (student_loss)
+        self.cls = AdversaryClass(self.params["adversary_class"], float(self.params["chi2_lambda"]))
+        self.oracle = self.params["adversary"] == "oracle"
+        self.heads = tuple(QHead(hidden_size, vocab_size, self.params["head"], cls=self.cls).to(device)
+                           for _ in range(2))
         self.optimizer = torch.optim.Adam([p for h in self.heads for p in h.parameters()],
                                           lr=float(self.params["adv_lr"]))
         # One scheduler step per student step, over the job's learner steps.
@@ -79,20 +84,28 @@ class AMMObjective:
         p = self.params
         logits = batch.response_logits(out.logits)
         hidden = batch.response_logits(out.hidden_states[-1]).detach()
-        adv_losses = [adversary_step(self.heads, self.optimizer, hidden, logits, batch.teacher, batch.mask,
-                                     batch.is_on_policy, p["beta"], p["tail"], self._average_over_ranks,
-                                     p["chunk_size"])
-                      for _ in range(p["adv_steps"])]
+        totals = batch.totals
+        adv_losses = [] if self.oracle else [
+            adversary_step(self.heads, self.optimizer, hidden, logits, batch.teacher, batch.mask,
+                           batch.is_on_policy, p["beta"], p["tail"], self._average_over_ranks,
+                           p["chunk_size"], totals)
+            for _ in range(p["adv_steps"])]
 
-        def values_at(index):  # the updated adversaries, evaluated a chunk at a time
+        def values_at(index):  # the updated adversaries (or the oracle), a chunk at a time
+            if self.oracle:
+                return oracle_values(self.cls, logits, batch.teacher, index)
             return adversary_values(self.heads, hidden, logits, batch.teacher, batch.is_on_policy, index)
         inputs = StudentInputs(batch.response_ids, batch.mask, batch.is_on_policy, batch.behavior_logprobs)
         value, metrics = student_loss(logits, batch.teacher, values_at, inputs, p["beta"], tail=p["tail"],
                                       baseline_kind=p["baseline"], ratio_clip=p["ratio_clip"],
-                                      returns=p["returns"], pg_coef=float(p["pg_coef"]),
-                                      chunk_size=p["chunk_size"])
+                                      returns=p["returns"], pg_coef=float(p["pg_coef"]), cls=self.cls,
+                                      penalty_grad=p["penalty_grad"], temperature=self.temperature,
+                                      totals=totals, chunk_size=p["chunk_size"])
         if adv_losses:
             metrics["adversary_loss"] = adv_losses[0]
+        # What a perfect adversary of the class would measure, beside the learned distances.
+        metrics.update(true_distances(logits, batch.teacher, batch.mask, batch.is_on_policy, self.cls,
+                                      p["tail"], totals, p["chunk_size"]))
         return value, metrics
 
     def after_student_step(self, out: Any, batch: LearnerBatch) -> None:
@@ -123,10 +136,12 @@ def check_loss(name: str, params: dict[str, Any]) -> dict[str, Any]:
     return get_loss(name).resolve_params(params)
 
 
-def make_objective(loss: dict, *, hidden_size: int, vocab_size: int, device: Any = "cpu", steps: int = 1):
-    """Build the objective for a ``loss`` config section (a dict); ``steps``: the job's learner steps."""
+def make_objective(loss: dict, *, hidden_size: int, vocab_size: int, device: Any = "cpu", steps: int = 1,
+                   temperature: float = 1.0):
+    """Build the objective for a ``loss`` config section (a dict); ``steps``: the job's learner
+    steps; ``temperature``: the rollouts' sampling temperature."""
     params = loss.get("params") or {}
     if loss["name"] == "amm":
         return AMMObjective(params, hidden_size=hidden_size, vocab_size=vocab_size, device=device,
-                            steps=steps)
+                            steps=steps, temperature=temperature)
     return DistributionObjective(loss["name"], params)

@@ -57,7 +57,9 @@ def test_every_default_method_runs_through_its_real_path(toy_world, tmp_path):
 
 
 def test_learning_rate_is_searched_on_the_first_seed_only(toy_world, tmp_path):
-    methods = ["FKL", "TRL SFTTrainer"]
+    # One ammd method: TRL's runs go through the same search (bench.quality.pick_lrs), and
+    # every TRL job costs a process of its own (~25 s); the test above runs TRL's path.
+    methods = ["FKL", "SFT"]
     result = bench(["--tasks", "sort", "--seeds", "0", "1", "--steps", str(STEPS),
                     "--lrs", "1e-3", "3e-3", "--methods", *methods, "data.eval_size=40"], tmp_path)
     first = [r for r in result["runs"] if r["seed"] == 0]

@@ -1,0 +1,148 @@
+"""AMM's adversary classes, the oracle, and three correctness fixes, in float64.
+
+- chi2: a learned head reaches the analytic best response (p/q - 1) / (2 lam) on a tabular
+  problem (one-hot states), and at that optimum the student's gradient is the derived one,
+  in both penalty forms;
+- the oracle's values are the class's best response, and its distance is the closed form;
+- a padded top-k slot never overwrites a real slot's log-ratio;
+- rows split unevenly across ranks: the mean of the ranks' losses is the one-rank loss;
+- at a sampling temperature T, fresh rows have an importance ratio of exactly 1.
+"""
+import pytest
+import torch
+
+from learner.amm import (AdversaryClass, QHead, StudentInputs, adversary_step, log_ratio, moment_gap,
+                         oracle_values, student_loss, true_distances)
+from learner.teacher_signal import TopKSignal
+
+V = 6
+
+
+def rand(*shape, seed=0, scale=1.5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def off_policy(n_rows, n_pos):
+    return StudentInputs(torch.zeros(n_rows, n_pos, dtype=torch.long), torch.ones(n_rows, n_pos, dtype=torch.bool),
+                         torch.zeros(n_rows, dtype=torch.bool), torch.zeros(n_rows, n_pos, dtype=torch.float64))
+
+
+def test_learned_chi2_head_reaches_the_analytic_best_response():
+    lam = 0.5
+    n = 5  # states, one row each position
+    s, t = rand(1, n, V, seed=1), rand(1, n, V, seed=2)
+    hidden = torch.eye(n, dtype=torch.float64)[None]  # tabular: a one-hot state
+    cls = AdversaryClass("chi2", lam)
+    heads = tuple(QHead(n, V, "linear", cls=cls).double() for _ in range(2))
+    opt = torch.optim.Adam([p for h in heads for p in h.parameters()], lr=0.05)
+    mask, off = torch.ones(1, n, dtype=torch.bool), torch.tensor([False])
+    for _ in range(3000):
+        adversary_step(heads, opt, hidden, s, t, mask, off, beta=1.0, tail="student_mean")
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    best = (p / q - 1) / (2 * lam)
+    torch.testing.assert_close(heads[1](hidden), best, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(oracle_values(cls, s, t, (torch.zeros(n, dtype=torch.long), torch.arange(n)))[None],
+                               best, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("penalty_grad", ["detached", "full"])
+def test_student_gradient_at_the_chi2_optimum(penalty_grad):
+    lam = 0.7
+    s, t = rand(2, 3, V, seed=3), rand(2, 3, V, seed=4)
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    best = (p / q - 1) / (2 * lam)
+    x = s.clone().requires_grad_(True)
+    loss, metrics = student_loss(x, t, best, off_policy(2, 3), beta=1.0, cls=AdversaryClass("chi2", lam),
+                                 penalty_grad=penalty_grad)
+    got = torch.autograd.grad(loss, x)[0]
+    weight = 1 / (2 * 3)  # 1/|y| per position, over 2 rows
+    if penalty_grad == "detached":  # forward KL's direction
+        want = (q - p) / (2 * lam)
+    else:  # the gradient of chi^2(p || q) / (4 lam)
+        r = (p * p / q).sum(-1, keepdim=True)
+        want = -(p * p / q - q * r) / (4 * lam)
+    torch.testing.assert_close(got, weight * want, atol=1e-12, rtol=0)
+    chi2 = ((p - q) ** 2 / q).sum(-1).mean() / (4 * lam)  # the value of the game at the optimum
+    assert metrics["d_off"] == pytest.approx(float(chi2), rel=1e-10)
+
+
+def test_oracle_bounded_values_and_true_distances():
+    s, t = rand(2, 4, V, seed=5), rand(2, 4, V, seed=6)
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    mask, on = torch.ones(2, 4, dtype=torch.bool), torch.tensor([True, False])
+    rows, cols = mask.nonzero(as_tuple=True)
+    f = oracle_values(AdversaryClass(), s, t, (rows, cols)).reshape(2, 4, V)
+    torch.testing.assert_close(f, torch.sign(p - q))
+    l1 = (p - q).abs().sum(-1).mean(-1)
+    got = true_distances(s, t, mask, on, AdversaryClass(), "student_mean")
+    assert got["d_on_true"] == pytest.approx(float(l1[0])) and got["d_off_true"] == pytest.approx(float(l1[1]))
+    lam = 2.0
+    chi = true_distances(s, t, mask, on, AdversaryClass("chi2", lam), "student_mean")
+    want = ((p - q) ** 2 / q).sum(-1).mean(-1) / (4 * lam)
+    assert chi["d_on_true"] == pytest.approx(float(want[0]))
+
+
+def test_a_padded_topk_slot_never_overwrites_the_last_token():
+    v = 5
+    s = rand(1, v, seed=7)
+    # Token v-1 is a real top-k slot; the padded slot (logprob -inf-like, id 0) must not race it.
+    ids = torch.tensor([[v - 1, 2, 0]])
+    logprobs = torch.tensor([[-0.5, -1.5, -1e9]], dtype=torch.float64)
+    tail = torch.tensor([-1.2], dtype=torch.float64)
+    got = log_ratio(s, TopKSignal(ids, logprobs, tail))
+    logq = torch.log_softmax(s, -1)
+    assert float(got[0, v - 1]) == pytest.approx(float(-0.5 - logq[0, v - 1]))
+    assert float(got[0, 2]) == pytest.approx(float(-1.5 - logq[0, 2]))
+    # A row with no real slot at all: every token gets the tail's ratio.
+    empty = log_ratio(s, TopKSignal(torch.zeros(1, 3, dtype=torch.long), torch.full((1, 3), -1e9, dtype=torch.float64),
+                                    torch.zeros(1, dtype=torch.float64)))
+    torch.testing.assert_close(empty, (0 - torch.logsumexp(logq, -1, keepdim=True)).expand(1, v))
+
+
+def test_uneven_rank_split_matches_the_single_rank_loss():
+    """Five rows (three on-policy) over two ranks: the ranks' mean loss is the whole batch's."""
+    n, T = 5, 3
+    s, t = rand(n, T, V, seed=8), rand(n, T, V, seed=9)
+    f = torch.tanh(rand(n, T, V, seed=10))
+    on = torch.tensor([True, True, False, True, False])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    ids = torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(0))
+    lp = torch.log_softmax(s, -1).gather(-1, ids[..., None])[..., 0]
+
+    def loss(rows, totals=None):
+        batch = StudentInputs(ids[rows], mask[rows], on[rows], lp[rows])
+        x = s[rows].clone().requires_grad_(True)
+        value, _ = student_loss(x, t[rows], f[rows], batch, beta=0.5, baseline_kind="none", totals=totals)
+        return value
+    whole = loss(list(range(n)))
+    totals = (int(on.sum()), int((~on).sum()), 2)
+    ranks = [loss([0, 2, 4], totals), loss([1, 3], totals)]
+    assert float(sum(ranks) / 2) == pytest.approx(float(whole), rel=1e-12)
+    old = [loss([0, 2, 4]), loss([1, 3])]  # each rank normalising by its own counts: not the same
+    assert float(sum(old) / 2) != pytest.approx(float(whole), rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_fresh_rows_at_a_sampling_temperature_have_ratio_one(temperature):
+    """The policy-gradient weight of a fresh row must not depend on the temperature through
+    the importance ratio: behaviour log-probs are q_T's, so q_T / mu = 1 exactly."""
+    s, t = rand(2, 3, V, seed=11), rand(2, 3, V, seed=12)
+    f = torch.tanh(rand(2, 3, V, seed=13))
+    ids = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(1))
+    mu = torch.log_softmax(s / temperature, -1).gather(-1, ids[..., None])[..., 0]
+    on, mask = torch.tensor([True, True]), torch.ones(2, 3, dtype=torch.bool)
+    batch = StudentInputs(ids, mask, on, mu)
+    x = s.clone().requires_grad_(True)
+    loss, _ = student_loss(x, t, f, batch, beta=0.0, ratio_clip=1.5, temperature=temperature,
+                           baseline_kind="none")
+    got = torch.autograd.grad(loss, x)[0]
+    # The same with a clip of 1 (ratio capped at 1): identical only if every ratio is exactly 1.
+    x2 = s.clone().requires_grad_(True)
+    loss2, _ = student_loss(x2, t, f, batch, beta=0.0, ratio_clip=1.0, temperature=temperature,
+                            baseline_kind="none")
+    torch.testing.assert_close(got, torch.autograd.grad(loss2, x2)[0], atol=1e-12, rtol=0)
+    if temperature != 1.0:  # at T = 1 the learner's q is not the behaviour policy
+        x3 = s.clone().requires_grad_(True)
+        loss3, _ = student_loss(x3, t, f, batch, beta=0.0, ratio_clip=1.5, baseline_kind="none")
+        assert not torch.allclose(torch.autograd.grad(loss3, x3)[0], got)
