@@ -81,7 +81,9 @@ METHODS: dict[str, tuple[str, list[str]]] = {
         ("oracle", ["adversary=oracle"]),
         ("chi2", ["adversary_class=chi2"]),
         ("chi2 oracle", ["adversary_class=chi2", "adversary=oracle"]),
-        ("chi2 full-gradient", ["adversary_class=chi2", "penalty_grad=full"]))},
+        ("chi2 full-gradient", ["adversary_class=chi2", "penalty_grad=full"]),
+        ("chi2 without policy gradient", ["adversary_class=chi2", "pg_coef=0"]),
+        ("without policy gradient", ["pg_coef=0"]))},
     # The learning-rate schedule's ablation (forward KL; the default schedule is linear decay).
     **{f"FKL ({name})": ("mixed", ["loss.name=forward_kl", *_MIXED, *extra]) for name, extra in (
         ("constant lr", ["learner.lr_schedule=constant"]), ("cosine lr", ["learner.lr_schedule=cosine"]),
@@ -190,7 +192,8 @@ def _run_method(setting: Setting, label: str, lr: float, rollouts, pair, val) ->
         "teacher": report["teacher_score"], "student_before": report["student_score_before"],
         "steps": report["steps"], "rows_by_source": report["rows_by_source"],
         "rollout_usage": report["rollout_usage"], "seconds": round(time.time() - t0, 1),
-        "curves": [{k: h[k] for k in ("step", "loss", "lr", "d_on", "d_off", "adversary_loss") if k in h}
+        "curves": [{k: h[k] for k in ("step", "loss", "lr", "d_on", "d_off", "adversary_loss",
+                                                  "d_on_true", "d_off_true") if k in h}
                    for h in report["history"]],
     }
     log(f"{task} seed {seed} {label} lr {lr:g}: test {cfg.eval.metric} {record['test']:.3f}, "

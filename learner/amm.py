@@ -436,8 +436,13 @@ AMM_DEFAULTS: dict[str, Any] = {
                            # | "full" (it descends gap - penalty too: the gradient of chi^2)
     "adversary": "learned",  # "learned" heads | "oracle": the class's analytic best response
                            # (a diagnosis: what the objective can do with a perfect adversary)
+    "beta_schedule": "constant",  # "constant" | "linear": beta moves from beta_start to beta
+    "beta_start": 1.0,     # over the job's steps (off-policy heavy first, then mixed)
+    "adv_warmup_steps": 0,  # extra adversary steps on the first batch, before the student moves
+    "anchor_fkl": 0.0,     # weight of a forward-KL anchor added to the student's loss (0 = AMM only)
     "chunk_size": DEFAULT_CHUNK_SIZE,
 }
+BETA_SCHEDULES = ("constant", "linear")
 
 
 def resolve_amm_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -460,6 +465,11 @@ def resolve_amm_params(params: dict[str, Any]) -> dict[str, Any]:
               ("chi2_lambda", float(out["chi2_lambda"]) > 0, "a positive number"),
               ("penalty_grad", out["penalty_grad"] in PENALTY_GRADS, f"one of {PENALTY_GRADS}"),
               ("adversary", out["adversary"] in ADVERSARIES, f"one of {ADVERSARIES}"),
+              ("beta_schedule", out["beta_schedule"] in BETA_SCHEDULES, f"one of {BETA_SCHEDULES}"),
+              ("beta_start", 0 <= float(out["beta_start"]) <= 1, "a number in [0, 1]"),
+              ("adv_warmup_steps", isinstance(out["adv_warmup_steps"], int) and out["adv_warmup_steps"] >= 0,
+               "an integer >= 0"),
+              ("anchor_fkl", float(out["anchor_fkl"]) >= 0, "a number >= 0"),
               ("chunk_size", isinstance(out["chunk_size"], int) and out["chunk_size"] >= 1, "an integer >= 1")]
     for key, ok, want in checks:
         if not ok:

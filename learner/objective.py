@@ -18,7 +18,7 @@ from learner.amm import (AdversaryClass, QHead, StudentInputs, adversary_step, a
                          oracle_values, resolve_amm_params, true_distances,
                          student_loss)
 from learner.batch import LearnerBatch
-from learner.losses import LOSSES, get_loss
+from learner.losses import LOSSES, forward_kl, get_loss
 from learner.schedule import make_lr_scheduler
 
 
@@ -70,6 +70,7 @@ class AMMObjective:
                                           lr=float(self.params["adv_lr"]))
         # One scheduler step per student step, over the job's learner steps.
         self.scheduler = make_lr_scheduler(self.optimizer, self.params["adv_lr_schedule"], steps)
+        self.steps = steps
 
     @staticmethod
     def _average_over_ranks(grads: list[torch.Tensor]) -> None:
@@ -80,29 +81,49 @@ class AMMObjective:
             flat /= dist.get_world_size()
             torch.nn.utils.vector_to_parameters(flat, grads)
 
-    def loss(self, out: Any, batch: LearnerBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    @property
+    def step(self) -> int:
+        """Student steps taken so far (the adversaries' scheduler counts them, and is saved)."""
+        return self.scheduler.last_epoch
+
+    def beta(self) -> float:
+        """The off-policy weight at this step: constant, or linear from beta_start to beta."""
         p = self.params
+        if p["beta_schedule"] == "constant":
+            return float(p["beta"])
+        frac = min(1.0, self.step / max(self.steps - 1, 1))
+        return float(p["beta_start"]) + (float(p["beta"]) - float(p["beta_start"])) * frac
+
+    def loss(self, out: Any, batch: LearnerBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        p, beta = self.params, self.beta()
         logits = batch.response_logits(out.logits)
         hidden = batch.response_logits(out.hidden_states[-1]).detach()
         totals = batch.totals
+        ascents = p["adv_steps"] + (p["adv_warmup_steps"] if self.step == 0 else 0)
         adv_losses = [] if self.oracle else [
             adversary_step(self.heads, self.optimizer, hidden, logits, batch.teacher, batch.mask,
-                           batch.is_on_policy, p["beta"], p["tail"], self._average_over_ranks,
+                           batch.is_on_policy, beta, p["tail"], self._average_over_ranks,
                            p["chunk_size"], totals)
-            for _ in range(p["adv_steps"])]
+            for _ in range(ascents)]
 
         def values_at(index):  # the updated adversaries (or the oracle), a chunk at a time
             if self.oracle:
                 return oracle_values(self.cls, logits, batch.teacher, index)
             return adversary_values(self.heads, hidden, logits, batch.teacher, batch.is_on_policy, index)
         inputs = StudentInputs(batch.response_ids, batch.mask, batch.is_on_policy, batch.behavior_logprobs)
-        value, metrics = student_loss(logits, batch.teacher, values_at, inputs, p["beta"], tail=p["tail"],
+        value, metrics = student_loss(logits, batch.teacher, values_at, inputs, beta, tail=p["tail"],
                                       baseline_kind=p["baseline"], ratio_clip=p["ratio_clip"],
                                       returns=p["returns"], pg_coef=float(p["pg_coef"]), cls=self.cls,
                                       penalty_grad=p["penalty_grad"], temperature=self.temperature,
                                       totals=totals, chunk_size=p["chunk_size"])
         if adv_losses:
-            metrics["adversary_loss"] = adv_losses[0]
+            metrics["adversary_loss"] = adv_losses[-1]
+        if p["beta_schedule"] != "constant":
+            metrics["beta"] = beta
+        if float(p["anchor_fkl"]) > 0:  # reported apart, so the AMM-only loss stays visible
+            anchor = forward_kl(logits, batch.teacher, batch.mask, chunk_size=p["chunk_size"])
+            metrics["anchor_fkl"] = float(anchor.detach())
+            value = value + float(p["anchor_fkl"]) * anchor
         # What a perfect adversary of the class would measure, beside the learned distances.
         metrics.update(true_distances(logits, batch.teacher, batch.mask, batch.is_on_policy, self.cls,
                                       p["tail"], totals, p["chunk_size"]))
