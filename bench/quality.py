@@ -83,6 +83,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
         ("chi2 oracle", ["adversary_class=chi2", "adversary=oracle"]),
         ("chi2 full-gradient", ["adversary_class=chi2", "penalty_grad=full"]),
         ("chi2 without policy gradient", ["adversary_class=chi2", "pg_coef=0"]),
+        ("chi2 normalised policy gradient", ["adversary_class=chi2", "pg_normalize=true"]),
         ("without policy gradient", ["pg_coef=0"]))},
     # The learning-rate schedule's ablation (forward KL; the default schedule is linear decay).
     **{f"FKL ({name})": ("mixed", ["loss.name=forward_kl", *_MIXED, *extra]) for name, extra in (

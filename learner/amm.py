@@ -328,7 +328,7 @@ def student_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values:
                  baseline_kind: str = "loo", ratio_clip: float = 2.0, returns: str = "full",
                  pg_coef: float = 1.0, cls: AdversaryClass = AdversaryClass(),
                  penalty_grad: str = "detached", temperature: float = 1.0,
-                 totals: Optional[tuple[int, int, int]] = None,
+                 totals: Optional[tuple[int, int, int]] = None, pg_normalize: bool = False,
                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, dict[str, float]]:
     """The student's surrogate: its gradient estimates grad L (see the module docstring).
 
@@ -338,7 +338,9 @@ def student_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values:
     adversary's penalty is part of what the student descends only with "full"
     (``AdversaryClass``). ``temperature``: the rollouts' sampling temperature, so the
     policy-gradient term and the importance ratio use the policy that sampled (q at T).
-    ``totals``: the whole batch's row counts (``row_counts``).
+    ``totals``: the whole batch's row counts (``row_counts``). ``pg_normalize``: divide the
+    advantages (R - b, ``returns="full"``) by their spread over the on-policy rows, so the
+    policy-gradient term's size does not follow the gap's (unbounded for chi2).
     """
     mask, on = batch.mask.to(torch.bool), batch.is_on_policy.to(torch.bool)
     f_at, y = _values_at(q_values), batch.response_ids.long()
@@ -353,7 +355,10 @@ def student_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values:
             n_on = int(on.sum())
             b = ((R * on).sum() - R) / max(n_on - 1, 1) if baseline_kind == "loo" and n_on > 1 \
                 else torch.zeros_like(R)
-            credit = (on[:, None] & mask) * (R - b)[:, None].double() / n_on_norm
+            advantage = R - b
+            if pg_normalize and n_on > 1:  # unit spread: a chi2 gap's scale is unbounded
+                advantage = advantage / (advantage[on].std() + 1e-8)
+            credit = (on[:, None] & mask) * advantage[:, None].double() / n_on_norm
         else:
             G = returns_to_go(gap.double(), mask)
             credit = w_on * (G - baseline(G, mask, on, baseline_kind))
@@ -440,6 +445,7 @@ AMM_DEFAULTS: dict[str, Any] = {
     "beta_start": 1.0,     # over the job's steps (off-policy heavy first, then mixed)
     "adv_warmup_steps": 0,  # extra adversary steps on the first batch, before the student moves
     "anchor_fkl": 0.0,     # weight of a forward-KL anchor added to the student's loss (0 = AMM only)
+    "pg_normalize": False,  # divide the policy-gradient advantages by their spread (returns="full")
     "chunk_size": DEFAULT_CHUNK_SIZE,
 }
 BETA_SCHEDULES = ("constant", "linear")
@@ -470,6 +476,7 @@ def resolve_amm_params(params: dict[str, Any]) -> dict[str, Any]:
               ("adv_warmup_steps", isinstance(out["adv_warmup_steps"], int) and out["adv_warmup_steps"] >= 0,
                "an integer >= 0"),
               ("anchor_fkl", float(out["anchor_fkl"]) >= 0, "a number >= 0"),
+              ("pg_normalize", isinstance(out["pg_normalize"], bool), "true or false"),
               ("chunk_size", isinstance(out["chunk_size"], int) and out["chunk_size"] >= 1, "an integer >= 1")]
     for key, ok, want in checks:
         if not ok:

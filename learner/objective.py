@@ -115,7 +115,8 @@ class AMMObjective:
                                       baseline_kind=p["baseline"], ratio_clip=p["ratio_clip"],
                                       returns=p["returns"], pg_coef=float(p["pg_coef"]), cls=self.cls,
                                       penalty_grad=p["penalty_grad"], temperature=self.temperature,
-                                      totals=totals, chunk_size=p["chunk_size"])
+                                      totals=totals, pg_normalize=p["pg_normalize"],
+                                      chunk_size=p["chunk_size"])
         if adv_losses:
             metrics["adversary_loss"] = adv_losses[-1]
         if p["beta_schedule"] != "constant":

@@ -200,3 +200,23 @@ def test_beta_schedule_anchor_and_adversary_warmup():
     _, mw = warm.loss(out, batch)
     assert mw["d_off"] > ma["d_off"] + 0.05
     assert mw["d_off"] <= mw["d_off_true"] + 1e-9  # a learned bounded adversary never beats the best response
+
+
+def test_normalised_policy_gradient_does_not_follow_the_gaps_scale():
+    """With pg_normalize, scaling the adversary by c scales the direct term by c and leaves the
+    policy-gradient term as it was: G(c f) - D(c f) = G(f) - D(f), D the direct part alone."""
+    s, t = rand(4, 3, V, seed=14), rand(4, 3, V, seed=15)
+    f = torch.tanh(rand(4, 3, V, seed=16))
+    ids = torch.randint(0, V, (4, 3), generator=torch.Generator().manual_seed(2))
+    mu = torch.log_softmax(s, -1).gather(-1, ids[..., None])[..., 0]
+    batch = StudentInputs(ids, torch.ones(4, 3, dtype=torch.bool), torch.ones(4, dtype=torch.bool), mu)
+
+    def grad(values, pg_coef, normalize=True):
+        x = s.clone().requires_grad_(True)
+        loss, _ = student_loss(x, t, values, batch, beta=0.0, pg_coef=pg_coef, pg_normalize=normalize)
+        return torch.autograd.grad(loss, x)[0]
+    pg = grad(f, 1.0) - grad(f, 0.0)
+    torch.testing.assert_close(grad(10 * f, 1.0) - grad(10 * f, 0.0), pg, atol=1e-7, rtol=0)  # eps 1e-8
+    assert pg.abs().max() > 1e-4  # the term is there
+    raw = grad(f, 1.0, False) - grad(f, 0.0, False)
+    assert not torch.allclose(grad(10 * f, 1.0, False) - grad(10 * f, 0.0, False), raw)
