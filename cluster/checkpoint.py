@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from services.replay_buffer import write_durably
+
 DRIVER_STATE = "driver.json"
 
 # Config fields a resume must share with the checkpoint: they decide what the saved state
@@ -58,12 +60,12 @@ def begin(root: Path, step: int) -> Path:
 
 def commit(root: Path, tmp: Path, step: int, state: dict, keep: int) -> Path:
     """Write the driver state into ``tmp``, move it into place, point ``latest`` at it, prune."""
-    _write_json(tmp / DRIVER_STATE, state)
+    write_durably(tmp / DRIVER_STATE, json.dumps(state, indent=1, default=str).encode())
     final = root / step_name(step)
     if final.exists():  # a resumed job saving the same step again
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_text(root / "latest", final.name)
+    write_durably(root / "latest", final.name.encode())  # written last: the commit point
     older = sorted(p for p in root.glob("step-*") if p.name < final.name and (p / DRIVER_STATE).is_file())
     for old in older[:max(0, len(older) - (keep - 1))]:  # the new one and the keep-1 before it stay
         shutil.rmtree(old, ignore_errors=True)
@@ -155,16 +157,3 @@ def check_compatible(saved: dict, config: dict, fingerprints: dict) -> None:
     if differ:
         raise ResumeError("cannot resume: " + "; ".join(differ) + ". Resume with the checkpoint's "
                           "settings, or start a new run under another name")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=1, default=str))
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -146,7 +146,7 @@ class ReplayBuffer:
         self.uses[chosen] += 1
         self.sampled_rows += len(chosen)
         if self.spill_dir:
-            _write_durably(self.spill_dir / STATE, self._state_bytes())
+            write_durably(self.spill_dir / STATE, self._state_bytes())
         return self.table.take(pa.array(chosen))
 
     def _least_used(self, pool: np.ndarray, k: int) -> np.ndarray:
@@ -208,8 +208,8 @@ class ReplayBuffer:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a snapshot that crashed
         tmp.mkdir(parents=True)
         segments, skip = self._snapshot_segments(tmp)
-        _write_durably(tmp / STATE, self._state_bytes())
-        _write_durably(tmp / MANIFEST, self._manifest_bytes(segments, skip))
+        write_durably(tmp / STATE, self._state_bytes())
+        write_durably(tmp / MANIFEST, self._manifest_bytes(segments, skip))
         os.replace(tmp, dest)  # replaces an empty directory too
         _fsync_dir(dest.parent)
         return {"rows": int(self.table.num_rows), "segments": len(segments)}
@@ -237,7 +237,7 @@ class ReplayBuffer:
         commit the manifest."""
         while self._segments and self._skip_rows() >= self._segments[0]["rows"]:
             (self.spill_dir / self._segments.pop(0)["file"]).unlink(missing_ok=True)
-        _write_durably(self.spill_dir / MANIFEST, self._manifest_bytes(self._segments, self._skip_rows()))
+        write_durably(self.spill_dir / MANIFEST, self._manifest_bytes(self._segments, self._skip_rows()))
 
     def _manifest_bytes(self, segments: list[dict], skip_rows: int) -> bytes:
         manifest = {"schema_version": SCHEMA.metadata[b"ammd.schema_version"].decode(),
@@ -277,7 +277,7 @@ class ReplayBuffer:
             self.appended_by_source = np.bincount(self.source, minlength=len(SOURCES)).astype(np.int64)
         self._load_state()
         if rewrite:  # drop bad segments from the manifest, record checksums it lacked
-            _write_durably(path, self._manifest_bytes(self._segments, self._skip_rows()))
+            write_durably(path, self._manifest_bytes(self._segments, self._skip_rows()))
 
     def _check_run(self, stored: Optional[str]) -> None:
         if stored and self.run_name and stored != self.run_name:
@@ -352,7 +352,7 @@ def copy_snapshot(snapshot_dir: str, spill_dir: str) -> None:
     """Link (or copy) snapshot ``snapshot_dir`` into ``spill_dir`` (new or empty), so that
     ``ReplayBuffer(..., spill_dir=spill_dir)`` continues from it while the snapshot stays as
     it was: a buffer built on the snapshot directory itself would append, evict and delete
-    there. Linking is safe because no file is ever modified in place (see _write_durably)."""
+    there. Linking is safe because no file is ever modified in place (see write_durably)."""
     src, dest = Path(snapshot_dir), Path(spill_dir)
     if not (src / MANIFEST).exists():
         raise ValueError(f"{src} holds no replay buffer snapshot (no {MANIFEST})")
@@ -377,7 +377,7 @@ def _write_segment(directory: Path, table: pa.Table, first_row: int) -> dict:
         writer.write_table(table.cast(SCHEMA))
     data = sink.getvalue()
     name = f"segment-{first_row:012d}.arrow"
-    _write_durably(directory / name, data, sync_dir=False)  # the manifest's write syncs the dir
+    write_durably(directory / name, data, sync_dir=False)  # the manifest's write syncs the dir
     return {"file": name, "rows": table.num_rows, "first_row": first_row,
             "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -420,7 +420,7 @@ def _with_first_rows(manifest: dict) -> list[dict]:
     return segments
 
 
-def _write_durably(path: Path, data, sync_dir: bool = True) -> None:
+def write_durably(path: Path, data, sync_dir: bool = True) -> None:
     """Replace ``path`` by ``data`` atomically (readers see the old or the new file, never a
     mix) and durably (fsynced, so an acknowledged write survives a power loss too)."""
     tmp = path.with_name(path.name + ".tmp")
