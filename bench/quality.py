@@ -85,6 +85,19 @@ METHODS: dict[str, tuple[str, list[str]]] = {
         ("chi2 without policy gradient", ["adversary_class=chi2", "pg_coef=0"]),
         ("chi2 normalised policy gradient", ["adversary_class=chi2", "pg_normalize=true"]),
         ("without policy gradient", ["pg_coef=0"]))},
+    # The training game around chi2 AMM without the policy-gradient term (issue #12, item 3):
+    # beta schedule, adversary speed and warm-up, and the forward-KL anchor (reported apart).
+    **{f"AMM chi2 without policy gradient, {name}": (rows, _amm(beta) + [f"loss.params.{k}" for k in (
+        "adversary_class=chi2", "pg_coef=0", *extra)] + more) for name, rows, beta, extra, more in (
+        ("beta 1 to 0.5", "mixed", 0.5, ["beta_schedule=linear", "beta_start=1.0"], []),
+        ("adversary lr x10", "mixed", 0.5, ["adv_lr=0.1"], []),
+        ("4 adversary steps", "mixed", 0.5, ["adv_steps=4"], []),
+        ("adversary warm-up 50", "mixed", 0.5, ["adv_warmup_steps=50"], []),
+        ("forward-KL anchor 0.5", "mixed", 0.5, ["anchor_fkl=0.5"], []),
+        ("beta=1", "teacher", 1.0, [], []),
+        ("student + dataset", "student+dataset", 0.5, [], ["rollout.off_policy=dataset"]))},
+    "FKL (student + dataset)": ("student+dataset", ["loss.name=forward_kl", "rollout.off_policy=dataset",
+                                                    *_MIXED]),
     # The learning-rate schedule's ablation (forward KL; the default schedule is linear decay).
     **{f"FKL ({name})": ("mixed", ["loss.name=forward_kl", *_MIXED, *extra]) for name, extra in (
         ("constant lr", ["learner.lr_schedule=constant"]), ("cosine lr", ["learner.lr_schedule=cosine"]),
