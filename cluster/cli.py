@@ -6,7 +6,9 @@
                                   --resume continues runs/<name> from its newest checkpoint
   ammd export RUN_OR_CHECKPOINT --out DIR
                                   write a checkpoint's student as a Hugging Face model dir
-  ammd check CONFIG [a.b=c ...]   validate the config, models and data, start nothing
+  ammd check CONFIG [a.b=c ...] [--config-only]
+                                  validate the config, models and data and print the
+                                  resources the job needs; start nothing
   ammd toy [--root DIR]           build (or find cached) the tiny teacher, student and data
 
 User errors (usage, config, data, models, checkpoints) end in one line on stderr and exit code 2; a
@@ -46,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             s.add_argument("--resume", action="store_true",
                            help="continue runs/<name> from its newest complete checkpoint")
+        else:
+            s.add_argument("--config-only", action="store_true",
+                           help="check the config and print the resources it needs, without "
+                                "opening models or data (e.g. a GPU recipe on a laptop)")
     e = sub.add_parser("export", help="write a checkpoint's student as a Hugging Face model dir")
     e.add_argument("path", help="a run directory (its newest checkpoint) or one checkpoint directory")
     e.add_argument("--out", required=True, help="the model directory to write")
@@ -58,12 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check(config: str, overrides: list[str]) -> None:
+def _check(config: str, overrides: list[str], config_only: bool = False) -> None:
     from cluster.data import load_prompts
     from cluster.driver import resolve_inputs
     from cluster.models import check_models
+    from cluster.plan import describe_plan
 
-    cfg = resolve_inputs(load_config(config, overrides))
+    cfg = load_config(config, overrides)
+    print(f"config {config} is valid; the job asks for:\n{describe_plan(cfg)}")
+    if config_only:
+        print(f"models ({cfg.models.teacher}, {cfg.models.student}) and data not opened (--config-only)")
+        return
+    cfg = resolve_inputs(cfg)
     pair = check_models(cfg.models.teacher, cfg.models.student,
                         cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
     train = load_prompts(cfg.data.train, pair.tokenizer, cfg.data.max_prompt_tokens)
@@ -76,7 +88,15 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    # argparse ends a positional list at the first flag: `check CONFIG --config-only a.b=c`
+    # leaves a.b=c over. Overrides may sit on either side of a flag.
+    stray = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     try:
         if args.command == "run":
             from cluster.driver import run_job
@@ -87,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                     "wall_seconds")
             print(json.dumps({k: report[k] for k in keys}, indent=2))
         elif args.command == "check":
-            _check(args.config, args.overrides)
+            _check(args.config, args.overrides, args.config_only)
         elif args.command == "export":
             from cluster.export import export_checkpoint
             print(export_checkpoint(args.path, args.out, args.dtype))
