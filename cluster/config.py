@@ -20,6 +20,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Ray's own resources have their own options (num_cpus, num_gpus, memory); only custom ones here.
+_RAY_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
+def check_resources(resources: dict[str, float], where: str) -> None:
+    """Raise ValueError naming ``where`` (the field's dotted path) unless every key is a custom Ray
+    resource asked for in a positive amount."""
+    for name, amount in resources.items():
+        if name in _RAY_BUILTIN_RESOURCES:
+            raise ValueError(f"{where}: {name!r} is one of Ray's own resources; CPUs and GPUs come from "
+                             f"their own fields, so name a custom resource (e.g. learner_node)")
+        if amount <= 0:
+            raise ValueError(f"{where}: {name}={amount} must be > 0 (leave the key out to ask for none)")
+
+
+def _resources_field(kind: str) -> Any:
+    return Field(default_factory=dict, description=(
+        f"Ray custom resources each {kind} asks for, e.g. {{learner_node: 1}}: it runs only on nodes "
+        f"started with them (ray start --resources='{{\"learner_node\": 2}}'); empty = any node"))
+
+
 class ModelsConfig(_Strict):
     """Two Hugging Face causal-LM directories (or hub ids on a cluster) with one vocabulary.
 
@@ -57,6 +78,7 @@ class EngineResources(_Strict):
     gpu_memory_utilization: Optional[float] = Field(
         None, gt=0, le=1, description="share of each GPU vLLM may take (weights, activations, KV "
                                       "cache); None = the KV cache is capped at kv_cache_mib instead")
+    resources: dict[str, float] = _resources_field("rollout actor of this kind")
 
     @model_validator(mode="after")
     def _fits(self) -> "EngineResources":
@@ -89,6 +111,12 @@ class RolloutConfig(_Strict):
     off_policy: Literal["teacher", "dataset"] = Field(
         "teacher", description="off-policy rows: the teacher's samples, or the training file's own "
                                "responses scored by the teacher (SFT and ground-truth KD)")
+
+    @model_validator(mode="after")
+    def _custom_resources(self) -> "RolloutConfig":
+        for role in ("student", "teacher"):
+            check_resources(getattr(self, role).resources, f"rollout.{role}.resources")
+        return self
 
 
 class BufferConfig(_Strict):
@@ -125,9 +153,14 @@ class LearnerConfig(_Strict):
     weight_transport: Literal["object_store"] = "object_store"
     bucket_mib: int = Field(64, ge=1)
     threads: int = Field(1, ge=1, description="torch threads per learner actor on CPU")
+    resources: dict[str, float] = _resources_field("learner rank (and its placement-group bundle)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement strategy of the learner ranks' bundles: PACK = as few nodes "
+                            "as fit (the collective stays local), STRICT_SPREAD = one rank per node")
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> "LearnerConfig":
+        check_resources(self.resources, "learner.resources")
         if self.min_lr > self.lr:
             raise ValueError(f"learner.min_lr={self.min_lr} is above learner.lr={self.lr}; the "
                              f"schedule decays from lr down to min_lr, so set min_lr <= lr")

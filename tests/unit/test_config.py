@@ -42,3 +42,27 @@ def test_override_values_parse_as_yaml():
     assert parse_override("a=[1, 2]") == (["a"], [1, 2])
     with pytest.raises(ConfigError, match="key.path=value"):
         parse_override("nonsense")
+
+
+def test_placement_fields_default_to_any_node_and_pack():
+    cfg = build_config({})
+    assert cfg.learner.resources == {} and cfg.learner.placement_strategy == "PACK"
+    assert cfg.rollout.student.resources == {} and cfg.rollout.teacher.resources == {}
+
+
+def test_placement_fields_take_custom_resources_per_kind():
+    cfg = build_config({}, ["learner.resources={learner_node: 1}", "learner.placement_strategy=STRICT_SPREAD",
+                            "rollout.student.resources={rollout_node: 0.5}"])
+    assert cfg.learner.resources == {"learner_node": 1.0} and cfg.learner.placement_strategy == "STRICT_SPREAD"
+    assert cfg.rollout.student.resources == {"rollout_node": 0.5} and cfg.rollout.teacher.resources == {}
+
+
+@pytest.mark.parametrize("override,match", [
+    ("learner.resources={CPU: 1}", r"learner.resources: 'CPU' is one of Ray's own resources"),
+    ("rollout.teacher.resources={GPU: 1}", r"rollout.teacher.resources: 'GPU' is one of Ray's own"),
+    ("rollout.student.resources={rollout_node: 0}", r"rollout.student.resources: rollout_node=0.0 must be > 0"),
+    ("learner.placement_strategy=STRICT_PACK", r"'learner.placement_strategy'"),
+])
+def test_bad_placement_fields_name_the_field(override, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config({}, [override])
