@@ -39,8 +39,8 @@ bench-memory: setup
 	$(PY) -m bench.loss_memory --out bench/results/loss_memory.json
 
 # The default methods (ammd's and TRL's, bench/quality.py DEFAULT_METHODS) x 3 toy tasks x 3 seeds,
-# each method's lr searched on seed 0 (~80 min on 2 cores); rewrites the quality section of
-# BENCHMARKS.md. `make test` runs a reduced variant.
+# each method's lr searched on seed 0, plus AMM's ablations on seed 0 (DEFAULT_ABLATIONS; ~85 min
+# on 2 cores); rewrites the quality section of BENCHMARKS.md. `make test` runs a reduced variant.
 bench-quality: setup
 	$(PY) -m bench.quality --benchmarks-md BENCHMARKS.md
 

@@ -47,6 +47,16 @@ def amm_beta(method: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def is_amm(method: str) -> bool:
+    """Every AMM variant's label starts with "AMM" (the beta grid, adversary classes, ...)."""
+    return method.startswith("AMM")
+
+
+def full_runs(runs: list[dict]) -> list[dict]:
+    """Runs of the full table (every seed); ablation runs (first seed only) are left out."""
+    return [r for r in runs if not r.get("ablation")]
+
+
 def completed(result: dict) -> list[dict]:
     """The runs of a ``bench.quality`` result that count: finished (no ``error``) and at the
     learning rate picked for their method (runs of the grid search at other rates are left out)."""
@@ -69,14 +79,16 @@ def task_order(runs: list[dict]) -> list[str]:
 
 
 def best_amm(runs: list[dict], task: str) -> str | None:
-    """The AMM grid entry with the best mean validation score (ties: the smaller beta)."""
-    val = {m: s for m, s in by_method(runs, task, "val").items() if amm_beta(m) is not None}
-    return max(sorted(val, key=amm_beta), key=lambda m: val[m][0]) if val else None
+    """The AMM variant of the full table with the best mean validation score (ties: the one
+    run first). Test scores play no part in the pick."""
+    val = {m: s for m, s in by_method(full_runs(runs), task, "val").items() if is_amm(m)}
+    return max(val, key=lambda m: val[m][0]) if val else None
 
 
 def task_rows(runs: list[dict], task: str) -> list[tuple[str, str, str, tuple[float, float, int]]]:
-    """(label, trains on, lr, stats) in table order: ammd's methods, AMM at 0/0.5/1, AMM's best
-    beta, then TRL's trainers."""
+    """(label, trains on, lr, stats) in table order: ammd's methods (of the beta grid, AMM at
+    0/0.5/1 only), the AMM variant best on validation, then TRL's trainers."""
+    runs = full_runs(runs)
     test = by_method(runs, task)
     mine = [r for r in runs if r["task"] == task]
     trains_on = {r["method"]: r["rows"] for r in mine}
@@ -87,13 +99,12 @@ def task_rows(runs: list[dict], task: str) -> list[tuple[str, str, str, tuple[fl
     best = best_amm(runs, task)
     if best is not None:
         at = next(i for i, r in enumerate(rows) if is_trl(r[0])) if any(is_trl(r[0]) for r in rows) else len(rows)
-        rows.insert(at, (f"AMM, best beta on validation ({amm_beta(best):g})", trains_on[best], lr[best],
-                         test[best]))
+        rows.insert(at, (f"AMM, best on validation: {best}", trains_on[best], lr[best], test[best]))
     return rows
 
 
 def task_table(runs: list[dict], task: str) -> str:
-    mine = [r for r in runs if r["task"] == task]
+    mine = [r for r in full_runs(runs) if r["task"] == task]
     metric, n = mine[0]["metric"], len({r["seed"] for r in mine})
     rows = task_rows(runs, task)
     top = max(s[0] for *_, s in rows)
@@ -107,7 +118,7 @@ def task_table(runs: list[dict], task: str) -> str:
 
 def lr_table(all_runs: list[dict], task: str, grid: list[float]) -> str:
     """Validation score of each method at each rate of the grid (first seed); the pick in bold."""
-    mine = [r for r in all_runs if r["task"] == task and "error" not in r]
+    mine = [r for r in full_runs(all_runs) if r["task"] == task and "error" not in r]
     first = min(r["seed"] for r in mine)
     lines = ["| Method | " + " | ".join(f"lr {g:g}" for g in grid) + " |", "|---" * (1 + len(grid)) + "|"]
     for m in dict.fromkeys(r["method"] for r in mine):
@@ -125,7 +136,7 @@ def parity(runs: list[dict], task: str) -> list[str]:
 
     "At least as good" means ammd's mean is no lower than TRL's minus the larger of the two
     spreads over seeds (a gap inside the spread is not a difference)."""
-    test = by_method(runs, task)
+    test = by_method(full_runs(runs), task)
 
     def compare(a: str, b: str) -> str:
         (ma, sa, _), (mb, sb, _) = test[a], test[b]
@@ -174,10 +185,11 @@ def ablation_table(runs: list[dict], tasks: list[str]) -> str:
 
 
 def verdict(runs: list[dict], task: str) -> str:
-    """One honest sentence: AMM's best against the best other method, with the spreads."""
-    test = by_method(runs, task)
+    """One honest sentence: the AMM variant best on validation against the best non-AMM method
+    (TRL's included), on test, with the spreads over seeds."""
+    test = by_method(full_runs(runs), task)
     best = best_amm(runs, task)
-    others = {m: s for m, s in test.items() if amm_beta(m) is None}
+    others = {m: s for m, s in test.items() if not is_amm(m)}
     if best is None or not others:
         return f"{task}: nothing to compare."
     rival = max(others, key=lambda m: others[m][0])
@@ -187,53 +199,81 @@ def verdict(runs: list[dict], task: str) -> str:
         word = "ties with"
     else:
         word = "beats" if gap > 0 else "loses to"
-    return (f"{task}: AMM (beta {amm_beta(best):g}, picked on validation) {word} the best other "
+    return (f"{task}: {best} (the AMM variant best on validation) {word} the best non-AMM "
             f"method, {rival}: {100 * a:.1f} ± {100 * sa:.1f} vs {100 * b:.1f} ± {100 * sb:.1f} "
-            f"(difference {100 * gap:+.1f} points; one within the larger spread would count as a tie).")
+            f"(difference {100 * gap:+.1f} points; one within the larger spread counts as a tie).")
+
+
+def variant_table(runs: list[dict], tasks: list[str]) -> str:
+    """The ablations (first seed only, one learning rate) beside the full table's AMM variants
+    on the same seed: test and validation ×100 per task."""
+    seed = min(r["seed"] for r in runs)
+    first = [r for r in runs if r["seed"] == seed and is_amm(r["method"])]
+    head = "| AMM variant (seed %d) | " % seed + " | ".join(f"{t} test | {t} val | {t} lr" for t in tasks) + " |"
+    lines = [head, "|---" * (1 + 3 * len(tasks)) + "|"]
+    for m in dict.fromkeys(r["method"] for r in first):
+        cells = []
+        for t in tasks:
+            hit = [r for r in first if r["method"] == m and r["task"] == t]
+            cells += ([f"{100 * hit[0]['test']:.1f}", f"{100 * hit[0]['val']:.1f}", f"{hit[0]['lr']:g}"]
+                      if hit else ["–"] * 3)
+        kind = " (ablation)" if any(r.get("ablation") for r in first if r["method"] == m) else ""
+        lines.append(f"| {m}{kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_curves(runs: list[dict], tasks: list[str], path: Path) -> None:
-    """D_on, D_off and the adversary loss over learner steps, per task and AMM beta (seed mean)."""
+    """D_on, D_off and the adversary loss over learner steps, per task and AMM variant of the
+    full table (mean over seeds). Dashed: the class's true distance at the analytic best
+    response (``d_on_true``/``d_off_true``), beside the learned adversary's estimate."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = [("d_on", "on-policy distance D_on"), ("d_off", "off-policy distance D_off"),
             ("adversary_loss", "adversary loss")]
+    runs = full_runs(runs)
     fig, axes = plt.subplots(len(tasks), 3, figsize=(13, 3.2 * len(tasks)), squeeze=False)
     for i, task in enumerate(tasks):
-        per_beta: dict[float, list[list[dict]]] = defaultdict(list)
+        per_method: dict[str, list[list[dict]]] = defaultdict(list)
         for r in runs:
-            if r["task"] == task and amm_beta(r["method"]) is not None:
-                per_beta[amm_beta(r["method"])].append(r["curves"])
+            if r["task"] == task and is_amm(r["method"]) and r.get("curves"):
+                per_method[r["method"]].append(r["curves"])
         for j, (key, title) in enumerate(keys):
             ax = axes[i][j]
-            for n, (beta, curves) in enumerate(sorted(per_beta.items())):
-                # D_off is not measured without off-policy rows (beta 0), D_on without on-policy (1).
-                if (key == "d_off" and beta == 0) or (key == "d_on" and beta == 1):
-                    continue
-                steps = min(len(c) for c in curves)
-                if steps == 0 or key not in curves[0][0]:
-                    continue
-                y = np.mean([[h[key] for h in c[:steps]] for c in curves], axis=0)
-                # One colour per beta in every panel, whichever betas a panel leaves out.
-                ax.plot([h["step"] for h in curves[0][:steps]], y, label=f"beta {beta:g}", color=f"C{n}")
+            for n, (method, curves) in enumerate(per_method.items()):  # one colour per variant
+                _plot_mean(ax, curves, key, method, dict(color=f"C{n}"))
+                _plot_mean(ax, curves, f"{key}_true", None, dict(color=f"C{n}", linestyle="--"))
             ax.set_title(f"{task}: {title}", fontsize=9)
             ax.set_xlabel("learner step", fontsize=8)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
+def _plot_mean(ax, curves: list[list[dict]], key: str, label: str | None, style: dict) -> None:
+    """The seed mean of ``key`` over steps; nothing where the runs did not record it (D_off
+    has no off-policy rows at beta 0, D_on no on-policy rows at beta 1)."""
+    steps = min(len(c) for c in curves)
+    if steps == 0 or any(key not in h for c in curves for h in c[:steps]):
+        return
+    y = np.mean([[h[key] for h in c[:steps]] for c in curves], axis=0)
+    if not np.any(y):
+        return
+    ax.plot([h["step"] for h in curves[0][:steps]], y, label=label, **style)
+
+
 def markdown(result: dict, curves_name: str) -> str:
-    runs = completed(result)
+    every = completed(result)
+    runs, ablations = full_runs(every), [r for r in every if r.get("ablation")]
     failed = [r for r in result["runs"] if "error" in r]
     tasks = task_order(runs)
     seeds = sorted({r["seed"] for r in runs})
     steps = sorted({r["steps"] for r in runs})
     parts = [f"Produced by `{result['command']}` at commit `{result['commit']}` in "
-             f"{result['wall_seconds'] / 60:.1f} min on this machine; {len(runs)} runs, tasks "
+             f"{result['wall_seconds'] / 60:.1f} min on this machine; {len(every)} runs ({len(ablations)} of them ablations), tasks "
              f"{', '.join(tasks)}, seeds {seeds}, {', '.join(map(str, steps))} learner steps per run "
              f"(overrides: {' '.join(result['overrides']) or 'none'}). Scores are ×100 on the held-out "
              f"test split; bold is the best mean among the distilled students. Each method's "
@@ -249,9 +289,14 @@ def markdown(result: dict, curves_name: str) -> str:
         parts += [f"{task}:\n\n{lr_table(result['runs'], task, grid)}" for task in tasks]
     if any("rollout_usage" in r for r in runs):
         parts += ["#### Rows generated / rows trained on, per source (worst seed)", usage_table(runs, tasks)]
-    if any(amm_beta(r["method"]) is not None for r in runs):
-        parts += ["#### AMM's beta (0 = on-policy only, 1 = off-policy only)", ablation_table(runs, tasks),
-                  f"![D_on, D_off and adversary loss over steps]({curves_name})",
+    if len({amm_beta(r["method"]) for r in runs} - {None}) > 1:
+        parts += ["#### AMM's beta (0 = on-policy only, 1 = off-policy only)", ablation_table(runs, tasks)]
+    if ablations:
+        parts += ["#### AMM's ablations (first seed, at the learning rate picked for the AMM variant "
+                  "best on that seed's validation; ×100)", variant_table(every, tasks)]
+    if any(is_amm(r["method"]) for r in runs):
+        parts += [f"![D_on, D_off and adversary loss over steps; dashed: the true distance at the "
+                  f"best response]({curves_name})",
                   "#### Where AMM wins and where it does not (generated)",
                   "\n".join(f"- {verdict(runs, t)}" for t in tasks)]
     if failed:

@@ -26,3 +26,24 @@ def test_bad_input_is_named(argv, message, capsys):
     with pytest.raises(SystemExit):
         _parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_ablations_default_with_the_default_methods_only(capsys):
+    from bench.quality import DEFAULT_ABLATIONS
+    assert _parse_args([])[0].ablations == list(DEFAULT_ABLATIONS)
+    assert _parse_args(["--methods", "FKL"])[0].ablations == []
+    assert _parse_args(["--ablations", "none"])[0].ablations == []
+    with pytest.raises(SystemExit):
+        _parse_args(["--ablations", "AMM (beta=0.3)"])
+    assert "unknown methods ['AMM (beta=0.3)']" in capsys.readouterr().err
+
+
+def test_ablations_run_at_the_rate_of_the_best_amm_on_validation():
+    from bench.quality import ablation_lr
+    first = [{"method": "FKL", "lr": 3e-3, "val": 0.9, "selected": True},
+             {"method": "AMM (beta=0.5)", "lr": 1e-3, "val": 0.5, "selected": True},
+             {"method": "AMM (beta=0.5)", "lr": 3e-3, "val": 0.4, "selected": False},
+             {"method": "AMM chi2 without policy gradient (beta=0.5)", "lr": 3e-3, "val": 0.8, "selected": True}]
+    assert ablation_lr(first, [1e-3, 3e-3]) == 3e-3
+    assert ablation_lr(first[:3], [1e-3, 3e-3]) == 1e-3
+    assert ablation_lr(first[:1], [1e-4, 1e-3]) == 1e-3

@@ -35,7 +35,7 @@ def test_stats_match_numpy():
 def test_best_beta_is_picked_on_validation_not_test(runs):
     assert qr.best_amm(runs, "a") == "AMM (beta=1)"
     labels = [label for label, *_ in qr.task_rows(runs, "a")]
-    assert labels[-1] == "AMM, best beta on validation (1)"
+    assert labels[-1] == "AMM, best on validation: AMM (beta=1)"
 
 
 def test_table_bolds_only_the_best_mean(runs):
@@ -89,7 +89,7 @@ def test_usage_table_shows_the_worst_seed():
 
 def test_verdict_compares_against_the_spread(runs):
     # best-on-validation AMM (beta 1): 0.65 ± 0.03 vs FKL 0.60 ± 0.01 -> a real win
-    assert "beats the best other method, FKL" in qr.verdict(runs, "a")
+    assert "beats the best non-AMM method, FKL" in qr.verdict(runs, "a")
     close = [dict(r, test=r["test"] - 0.04) if r["method"] == "AMM (beta=1)" else r for r in runs]
     assert "ties with" in qr.verdict(close, "a")
     worse = [dict(r, test=r["test"] - 0.2) if r["method"] == "AMM (beta=1)" else r for r in runs]
@@ -142,3 +142,33 @@ def test_cli_renders_and_compares_saved_results(runs, tmp_path, capsys):
     assert "#### a" in (tmp_path / "quality.md").read_text()
     qr.main(["compare", str(path), str(path)])
     assert "5 of 5 method means agree" in capsys.readouterr().out
+
+
+def test_ablations_stay_out_of_the_full_table_and_get_their_own(runs, tmp_path):
+    """An ablation (first seed only) with the best validation score of all must not become
+    "AMM, best on validation", nor enter the tables over seeds; it is listed beside the full
+    table's AMM variants on the same seed."""
+    abl = dict(run("a", 0, "AMM chi2 (beta=0.5)", 0.99, 0.99), lr=3e-3, ablation=True, selected=True)
+    every = [dict(r, lr=1e-3) for r in runs] + [abl]
+    assert qr.best_amm(every, "a") == "AMM (beta=1)"
+    assert "AMM chi2" not in qr.task_table(every, "a") and "AMM chi2" not in qr.verdict(every, "a")
+    table = qr.variant_table(every, ["a"])
+    assert "| AMM chi2 (beta=0.5) (ablation) | 99.0 | 99.0 | 0.003 |" in table
+    assert "| AMM (beta=1) | 62.0 | 70.0 | 0.001 |" in table  # seed 0 of the full variant
+    result = {"commit": "abc", "command": "c", "wall_seconds": 1.0, "overrides": [], "runs": every}
+    text = qr.write_outputs(result, tmp_path)
+    assert "16 runs (1 of them ablations)" in text and "AMM's ablations" in text
+
+
+def test_curves_draw_the_true_distance_beside_the_learned_one(runs, tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from unittest import mock
+    with_true = [dict(r, curves=[dict(h, d_off_true=0.5 * h["d_off"]) for h in r["curves"]]) for r in runs]
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+    with mock.patch.object(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append(k) or real(ax, *a, **k)):
+        qr.plot_curves(with_true, ["a"], tmp_path / "c.png")
+    dashed = [k for k in drawn if k.get("linestyle") == "--"]
+    # d_off_true of each of the three AMM variants, dashed in its own colour; none for d_on (not recorded)
+    assert len(dashed) == 3 and {k["color"] for k in dashed} <= {k["color"] for k in drawn if k.get("label")}
