@@ -21,6 +21,7 @@ from bench.trl_runner import TRL_METHODS
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
+ABLATION = "AMM chi2 oracle (beta=0.5)"  # one first-seed ablation, through the same path
 
 
 def bench(args: list[str], out: Path) -> dict:
@@ -33,11 +34,13 @@ def bench(args: list[str], out: Path) -> dict:
 def test_every_default_method_runs_through_its_real_path(toy_world, tmp_path):
     # Every label spelled out (they hold spaces, commas and "="), then an override after them.
     args = ["--tasks", "sort", "--seeds", "0", "--steps", str(STEPS), "--lrs", "1e-3",
-            "--methods", *DEFAULT_METHODS, "data.eval_size=60"]
+            "--methods", *DEFAULT_METHODS, "--ablations", ABLATION, "data.eval_size=60"]
     result = bench(args, tmp_path)
     assert shlex.split(result["command"])[3:] == args + ["--out", str(tmp_path)]  # re-runs as given
-    runs = {r["method"]: r for r in result["runs"]}
-    assert set(runs) == set(DEFAULT_METHODS) and len(result["runs"]) == len(DEFAULT_METHODS)
+    runs = {r["method"]: r for r in result["runs"] if not r.get("ablation")}
+    assert set(runs) == set(DEFAULT_METHODS) and len(result["runs"]) == len(DEFAULT_METHODS) + 1
+    ablation = next(r for r in result["runs"] if r.get("ablation"))
+    assert ablation["method"] == ABLATION and ablation["lr"] == 1e-3 and len(ablation["curves"]) == STEPS
     for method, r in runs.items():
         assert r["steps"] == STEPS and r["lr"] == 1e-3 and r["selected"], method
         assert all(0.0 <= r[k] <= 1.0 and math.isfinite(r[k]) for k in ("test", "val")), method
@@ -54,6 +57,7 @@ def test_every_default_method_runs_through_its_real_path(toy_world, tmp_path):
     assert all("adversary_loss" in h and "d_on" in h for h in runs["AMM (beta=0.5)"]["curves"])
     text = (tmp_path / "quality.md").read_text()
     assert "#### sort" in text and "ammd against TRL" in text and "| TRL SFTTrainer |" in text
+    assert f"| {ABLATION} (ablation) |" in text
 
 
 def test_learning_rate_is_searched_on_the_first_seed_only(toy_world, tmp_path):
