@@ -8,11 +8,28 @@ A transport moves buckets from learner rank 0 to every rollout actor. It is pick
 ``learner.weight_transport``; the learner side calls ``send`` and the rollout side ``receive``.
 - ``object_store``: buckets are numpy arrays in Ray's object store (zero-copy reads on the
   same node). Works everywhere Ray works, so it is the default and the fallback.
+- ``collective``: learner rank 0 broadcasts each bucket, as the ZeRO-3 gather yields it, over a
+  side-band process group of its own: rank 0 of that group is learner rank 0, ranks 1..N are the
+  student rollout actors (gloo on CPU, NCCL when the learner runs on cuda). Per bucket, three
+  broadcasts: the lengths (int64 [header bytes, data bytes]; [0, 0] ends the push), the header
+  (``Bucket.entries`` as JSON) and the data (one flat uint8 tensor).
+
+How the side-band group is built: learner rank 0 hosts a fresh ``TCPStore`` on a port the OS
+picks (port 0: no race between choosing a free port and binding it) and hands its address to
+the driver through Ray; then rank 0 and every student construct ``ProcessGroupGloo`` /
+``ProcessGroupNCCL`` on that store directly. No ``init_process_group`` is called anywhere: the
+learner ranks' default group (DeepSpeed's) is untouched, and a rollout actor holds no global
+process-group state that could clash with its engine's (vLLM's own groups on GPU). A group is
+formed again (new store, new port, every member) whenever its members change, e.g. after a
+student was restarted; a failed broadcast leaves the group (``WeightGroup.close``), which makes
+the peers' pending broadcasts fail at once instead of waiting out the timeout.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol
+from datetime import timedelta
+from typing import Any, Iterable, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
@@ -67,10 +84,25 @@ def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -
 def unpack_bucket(bucket: Bucket) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) views over the bucket's buffer (no copy)."""
     raw = torch.from_numpy(bucket.data) if bucket.data.flags.writeable else torch.from_numpy(bucket.data.copy())
-    for name, dtype, shape, offset in bucket.entries:
+    yield from _views(raw, bucket.entries)
+
+
+def _views(raw: torch.Tensor, entries: list) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) views over a flat uint8 tensor (on any device) laid out as ``entries``."""
+    for name, dtype, shape, offset in entries:
         dt = getattr(torch, dtype)
         n = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dt).element_size()
         yield name, raw[offset: offset + n].view(dt).reshape(shape)
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> torch.Tensor:
+    """A bucket's table of (name, dtype, shape, offset) as a uint8 tensor (JSON bytes)."""
+    return torch.frombuffer(bytearray(json.dumps(entries).encode()), dtype=torch.uint8)
+
+
+def decode_header(raw: torch.Tensor) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """The inverse of ``encode_header`` (shapes come back as tuples)."""
+    return [(n, d, tuple(s), int(o)) for n, d, s, o in json.loads(bytes(raw.cpu().numpy()))]
 
 
 class WeightTransport(Protocol):
@@ -99,10 +131,118 @@ class ObjectStoreTransport:
             yield from unpack_bucket(bucket)
 
 
-TRANSPORTS = {"object_store": ObjectStoreTransport}
+@dataclass
+class WeightGroup:
+    """This process's membership of a side-band group: rank 0 is learner rank 0, rank i the
+    i-th student rollout actor. ``store`` keeps the rendezvous alive (rank 0 hosts it)."""
+
+    pg: Any
+    rank: int
+    size: int
+    device: torch.device
+    store: Any
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` into every member's ``tensor`` (in place); returns it."""
+        self.pg.broadcast(tensor, 0).wait()
+        return tensor
+
+    def close(self) -> None:
+        """Leave the group: peers blocked in a broadcast with this member fail at once."""
+        try:
+            self.pg.shutdown()
+        except Exception:  # noqa: BLE001 - a broken group is being left anyway
+            pass
+
+
+def host_rendezvous(timeout_s: float) -> tuple[Any, tuple[str, int]]:
+    """Learner rank 0: a fresh TCPStore on a port the OS picks; returns it and its (ip, port)."""
+    import ray
+    import torch.distributed as dist
+
+    ip = ray.util.get_node_ip_address()
+    store = dist.TCPStore(ip, 0, None, True, timedelta(seconds=timeout_s), wait_for_workers=False)
+    return store, (ip, int(store.port))
+
+
+def join_group(rendezvous: Any, rank: int, size: int, backend: str, timeout_s: float) -> WeightGroup:
+    """Form the side-band group as ``rank`` of ``size``; every member calls this at the same time.
+
+    ``rendezvous``: rank 0's own store (from ``host_rendezvous``), or its (ip, port) elsewhere.
+    ``backend``: "gloo" (CPU tensors) or "nccl" (tensors on this process's current GPU).
+    Blocks until all members joined; raises after ``timeout_s`` if one does not.
+    """
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    store = rendezvous
+    if isinstance(rendezvous, (tuple, list)):
+        store = dist.TCPStore(rendezvous[0], int(rendezvous[1]), None, False, timeout)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        pg = dist.ProcessGroupNCCL(store, rank, size, options)
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif backend == "gloo":
+        pg, device = dist.ProcessGroupGloo(store, rank, size, timeout), torch.device("cpu")
+    else:
+        raise ValueError(f"side-band backend must be gloo or nccl, not {backend!r}")
+    return WeightGroup(pg, rank, size, device, store)
+
+
+class CollectiveTransport:
+    """Buckets broadcast from learner rank 0 over a ``WeightGroup`` (see the module docstring).
+
+    Rank 0 calls ``send`` once per gathered bucket and ``finish`` after the last; every other
+    member iterates ``receive`` to its end, at the same time. Nothing passes through the driver.
+    """
+
+    name = "collective"
+
+    def __init__(self, bucket_mib: int = 64, group: Optional[WeightGroup] = None):
+        self.bucket_bytes = bucket_mib * 2**20
+        self.group = group
+
+    def _group(self) -> WeightGroup:
+        if self.group is None:
+            raise RuntimeError("the collective weight transport has no side-band group: the driver "
+                               "forms one (Trainer.push_weights) before the first push")
+        return self.group
+
+    def send(self, named: Iterable[tuple[str, torch.Tensor]], version: int) -> dict[str, int]:
+        """Rank 0: broadcast ``named`` as buckets; returns {"buckets": n, "bytes": data bytes}."""
+        group, sent = self._group(), {"buckets": 0, "bytes": 0}
+        for bucket in pack_buckets(named, self.bucket_bytes):
+            header = encode_header(bucket.entries)
+            group.broadcast(torch.tensor([header.numel(), bucket.nbytes], dtype=torch.int64, device=group.device))
+            group.broadcast(header.to(group.device))
+            group.broadcast(torch.from_numpy(bucket.data).to(group.device))
+            sent["buckets"] += 1
+            sent["bytes"] += bucket.nbytes
+        return sent
+
+    def finish(self) -> None:
+        """Rank 0: tell the receivers that the push is complete."""
+        group = self._group()
+        group.broadcast(torch.zeros(2, dtype=torch.int64, device=group.device))
+
+    def receive(self, payload: object = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Other ranks: yield (name, tensor) views, a bucket at a time, until rank 0's ``finish``."""
+        group = self._group()
+        while True:
+            lengths = group.broadcast(torch.zeros(2, dtype=torch.int64, device=group.device)).tolist()
+            if lengths == [0, 0]:
+                return
+            entries = decode_header(group.broadcast(torch.empty(lengths[0], dtype=torch.uint8, device=group.device)))
+            yield from _views(group.broadcast(torch.empty(lengths[1], dtype=torch.uint8, device=group.device)),
+                              entries)
+
+
+TRANSPORTS = {"object_store": ObjectStoreTransport, "collective": CollectiveTransport}
 
 
 def make_transport(name: str, **options) -> WeightTransport:
+    """The transport ``learner.weight_transport`` names, built with ``options``."""
     if name not in TRANSPORTS:
         raise ValueError(f"learner.weight_transport: unknown transport {name!r}; "
                          f"choose one of {sorted(TRANSPORTS)}")
