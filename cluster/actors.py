@@ -1,7 +1,10 @@
 """Starting the job's Ray actors: replay buffer, rollout actors, learner group.
 
-Placement: the learner ranks go in one placement group (PACK: on as few nodes as possible, so
-the collective stays local when it can); rollout actors are scheduled freely. Every actor
+Placement: the learner ranks go in one placement group (``learner.placement_strategy``, PACK by
+default: on as few nodes as possible, so the collective stays local when it can), each bundle
+asking for ``learner.resources``; rank 0 (which writes the exported student) goes to a bundle on
+the driver's node when there is one. Rollout actors ask for ``rollout.<kind>.resources`` and are
+otherwise scheduled freely. ``placement`` asks every actor which node it runs on. Every actor
 gets its environment through ``runtime_env`` so the same code runs under an embedded
 ``ray.init`` and under ``ray job submit``.
 """
@@ -111,6 +114,7 @@ def engine_options(cfg: JobConfig, role: str, pair: ModelPair, index: int) -> di
 def _rollout(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, index: int):
     cls = ray.remote(concurrency_groups=HEALTH_GROUP)(RolloutWorker).options(
         name=None, num_cpus=1, num_gpus=getattr(cfg.rollout, role).gpus,
+        resources=dict(getattr(cfg.rollout, role).resources),  # rollout.<role>.resources: which nodes
         runtime_env=actor_env(cfg.rollout.threads), max_restarts=0)
     # max_restarts=0: a lost rollout actor is replaced by the driver (cluster.supervisor), which
     # also reloads its weights and sends its request again; Ray's own restart would do neither.
@@ -121,25 +125,65 @@ def _rollout(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, index: 
                       threads=r.threads)
 
 
+def _learner_group(cfg: JobConfig) -> tuple[Any, list[int]]:
+    """The learner ranks' placement group, placed, and the bundle index of each rank.
+
+    Every bundle asks for one CPU (or GPU), plus ``learner.resources``; the bundles are placed
+    with ``learner.placement_strategy``. Ranks go first to bundles on the driver's node, so rank 0
+    (which writes the exported student) is beside the driver when the placement allows it.
+    Raises TimeoutError naming the request when the cluster cannot place it in time.
+    """
+    lc = cfg.learner
+    bundle = {"CPU": 1, **({"GPU": 1} if lc.device == "cuda" else {}), **lc.resources}
+    pg = placement_group([dict(bundle)] * lc.actors, strategy=lc.placement_strategy)
+    try:
+        ray.get(pg.ready(), timeout=cfg.ray.actor_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"the learner placement group ({lc.actors} x {bundle}, {lc.placement_strategy}) "
+                           f"was not placed within ray.actor_timeout_s={cfg.ray.actor_timeout_s:.0f} s: do "
+                           f"the cluster's nodes offer it? (`ray status` lists their resources)") from None
+    nodes = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+    here = ray.get_runtime_context().get_node_id()
+    return pg, sorted(range(lc.actors), key=lambda i: nodes.get(i) != here)  # stable: bundle order
+
+
 def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: str | None = None):
     lc = cfg.learner
     gpus = 1 if lc.device == "cuda" else 0
-    pg = placement_group([{"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}] * lc.actors, strategy="PACK")
-    ray.get(pg.ready(), timeout=600)
+    pg, bundles = _learner_group(cfg)
     extra = {"DS_ACCELERATOR": "cpu"} if lc.device == "cpu" else {}
     cls = ray.remote(concurrency_groups=HEALTH_GROUP)(LearnerWorker)
-    master = ray.get(ray.remote(node_address).options(
-        num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+    master = ray.get(ray.remote(node_address).options(  # rank 0's node: the group's rendezvous
+        num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundles[0])
     ).remote())
     learners = []
     for rank in range(lc.actors):
-        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
-        learners.append(cls.options(num_cpus=1, num_gpus=gpus, scheduling_strategy=strategy,
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundles[rank])
+        learners.append(cls.options(num_cpus=1, num_gpus=gpus, resources=dict(lc.resources),
+                                    scheduling_strategy=strategy,
                                     runtime_env=actor_env(lc.threads, extra)).remote(
             rank, lc.actors, master, student_dir, lc.model_dump(),
             {**cfg.loss.model_dump(), "sampling_temperature": cfg.rollout.temperature},
             cfg.seed, pair.pad_id, lc.threads, teacher_dir))
     return learners, pg
+
+
+def _where(_actor: Any = None) -> dict[str, str]:
+    """The Ray node this process runs on (run inside an actor through ``__ray_call__``)."""
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
+def placement(actors: Actors, timeout: float) -> dict[str, dict[str, str]]:
+    """Where each actor runs: ``{name: {"node_id", "node_ip"}}`` for learner-i, student-i,
+    teacher-i (from their ``ping``) and the buffer (which has none: asked through Ray's
+    ``__ray_call__``). Raises GetTimeoutError if one does not answer within ``timeout`` s."""
+    refs = {f"learner-{i}": a.ping.remote() for i, a in enumerate(actors.learners)}
+    refs.update({f"student-{i}": a.ping.remote() for i, a in enumerate(actors.students)})
+    refs.update({f"teacher-{i}": a.ping.remote() for i, a in enumerate(actors.teachers)})
+    refs["buffer"] = actors.buffer.__ray_call__.remote(_where)
+    answers = ray.get(list(refs.values()), timeout=timeout)
+    return {name: {"node_id": a["node_id"], "node_ip": a["node_ip"]} for name, a in zip(refs, answers)}
 
 
 def wait_started(actors: list, what: str, timeout: float, method: str = "health") -> None:

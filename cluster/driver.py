@@ -26,12 +26,12 @@ from typing import Any, Optional
 import ray
 
 from cluster import checkpoint
-from cluster.actors import Actors, Rollouts, rollout_factory, start_actors, stop_actors
+from cluster.actors import Actors, Rollouts, placement, rollout_factory, start_actors, stop_actors
 from cluster.config import ConfigError, JobConfig
 from cluster.data import DataError, load_prompts, reference_rows
 from cluster.evaluate import greedy_score
 from cluster.models import check_models
-from cluster.report import write_report
+from cluster.report import placement_summary, write_report
 from cluster.rollouts import RolloutPump, item_stream, prompt_stream
 from cluster.supervisor import ActorLostError, Supervisor
 from cluster.trainer import Trainer
@@ -129,6 +129,9 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
     try:
         log("starting actors (buffer, rollout engines, learner group)")
         actors = start_actors(cfg, pair, rollouts, spill_dir)
+        where = placement(actors, cfg.ray.actor_timeout_s)
+        status.update(placement=where)  # /status shows which node each actor runs on
+        log(f"placement: {placement_summary(where)}")
         trainer = Trainer(cfg, actors, status, run_dir, resume_hint or "ammd run CONFIG --resume", log)
         supervisor = Supervisor(actors, rollout_factory(cfg, pair), trainer.weights,
                                 max_restarts=cfg.rollout.max_restarts, window_s=cfg.rollout.restart_window_s,
@@ -227,6 +230,8 @@ def _report(cfg: JobConfig, trainer: Trainer, pump: RolloutPump, supervisor: Sup
         "rollout_tokens_per_s": pump.tokens_per_s(),
         "learner_tokens_per_s": trainer.learner_tokens_per_s(),
         "history": trainer.history, "examples_after": after["examples"],
+        # Asked again at the end: a restarted rollout actor may run elsewhere than its first.
+        "placement": placement(trainer.actors, cfg.ray.actor_timeout_s),
         "config": cfg.model_dump(),
     }
 

@@ -25,6 +25,8 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
             "learner_tokens_per_s")
     lines = [f"# ammd run `{report.get('name')}`", "", "| field | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(report.get(k))} |" for k in keys]
+    if report.get("placement"):
+        lines += ["", "## Placement", "", placement_summary(report["placement"])]
     examples = report.get("examples_after") or []
     if examples:
         lines += ["", "## Student outputs after training (first few held-out prompts)", "",
@@ -34,6 +36,15 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
         lines += ["", "## Curves", "", "![loss and moment-matching distances over steps](curves.png)"]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return path
+
+
+def placement_summary(placement: dict[str, dict[str, str]]) -> str:
+    """``{actor: {"node_id", "node_ip"}}`` as one "; "-separated part per node, actors in the
+    order listed: "learner-0, buffer on 10.0.0.2 (node 1a2b3c4d); ..."."""
+    nodes: dict[tuple[str, str], list[str]] = {}
+    for name, where in placement.items():
+        nodes.setdefault((where["node_ip"], where["node_id"]), []).append(name)
+    return "; ".join(f"{', '.join(names)} on {ip} (node {node[:8]})" for (ip, node), names in nodes.items())
 
 
 CURVES = (("loss", "student loss"), ("d_on", "D_on (on-policy distance)"),

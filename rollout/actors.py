@@ -54,8 +54,10 @@ class RolloutWorker:
     @ray.method(concurrency_group="health")
     def ping(self) -> dict[str, Any]:
         """Answers at once, even mid-request: it runs in its own thread (the "health"
-        concurrency group), while the work methods stay one at a time."""
-        return {"pid": os.getpid(), "time": time.time()}
+        concurrency group), while the work methods stay one at a time. Also says where the
+        actor runs: its Ray node id and node IP (``cluster.actors.placement``)."""
+        return {"pid": os.getpid(), "time": time.time(), "node_id": ray.get_runtime_context().get_node_id(),
+                "node_ip": ray.util.get_node_ip_address()}
 
     # -- student ---------------------------------------------------------------------------
     def sample(self, batch: PromptBatch) -> Samples:
