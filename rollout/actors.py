@@ -2,7 +2,8 @@
 
 The same class serves both roles; the driver decides which methods it calls:
 - student: ``sample`` (on-policy responses with behaviour log-probs and the weight version),
-  ``load_weights`` (a push from the learner), ``greedy`` (evaluation);
+  ``load_weights`` (a push through the object store), ``join_weight_group`` and
+  ``receive_weights`` (a push over the collective transport's side band), ``greedy`` (evaluation);
 - teacher: ``sample_rows`` (off-policy responses, with the teacher's own top-k signal taken
   from the generation itself), ``score_rows`` (top-k signal for student samples),
   ``score_references`` (top-k signal for the training file's own responses), ``greedy``.
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from learner.weight_sync import make_transport
+from learner.weight_sync import CollectiveTransport, WeightGroup, join_group, make_transport
 from rollout.engine import Generation, SamplingConfig, make_engine, tail_logmass
 from services.buffer_schema import Row, rows_to_batch
 
@@ -46,7 +47,11 @@ class RolloutWorker:
         self.topk = topk
         self.sampling = SamplingConfig(max_response_tokens, temperature, 0, tuple(stop_token_ids))
         self.engine = make_engine(engine, model_dir, **engine_options)
-        self.transport = make_transport(transport)
+        # ``load_weights`` always reads the object store (the default transport, and the collective
+        # one's fallback); ``transport`` only says which one the driver pushes with.
+        self.transport = transport
+        self.object_store = make_transport("object_store")
+        self.weight_group: WeightGroup | None = None  # the collective transport's side band
         self.tokens_out = 0
         self.busy_seconds = 0.0
         self.started = time.time()
@@ -67,8 +72,41 @@ class RolloutWorker:
         return Samples([i for i, _ in batch], gens, self.engine.version)
 
     def load_weights(self, payload: Any, version: int) -> int:
-        self.engine.load_weights(self.transport.receive(payload), version)
+        """Load an object-store push (rank 0's buckets) as ``version``; returns it."""
+        self.engine.load_weights(self.object_store.receive(payload), version)
         return version
+
+    def join_weight_group(self, address: tuple[str, int], rank: int, size: int, backend: str,
+                          timeout_s: float) -> int:
+        """Join learner rank 0's side-band group (the collective transport) as ``rank`` of ``size``,
+        leaving any older group; rank 0 and every other student join at the same time."""
+        self.leave_weight_group()
+        self.weight_group = join_group(address, rank, size, backend, timeout_s)
+        return rank
+
+    def receive_weights(self, version: int) -> int:
+        """Load the push learner rank 0 is broadcasting on the side-band group as ``version``.
+
+        The engine takes the buckets as they arrive (vLLM collects them, then reloads). On any
+        failure this actor leaves the group, so rank 0 stops at once, and the error is raised.
+        """
+        if self.weight_group is None:
+            raise RuntimeError("receive_weights before join_weight_group")
+        stream = CollectiveTransport(group=self.weight_group).receive()
+        try:
+            self.engine.load_weights(stream, version)
+            for _ in stream:  # an engine that stopped reading early still takes the rest of the push
+                pass
+        except BaseException:
+            self.leave_weight_group()
+            raise
+        return version
+
+    def leave_weight_group(self) -> None:
+        """Leave the side-band group, if any."""
+        group, self.weight_group = self.weight_group, None
+        if group is not None:
+            group.close()
 
     # -- teacher ---------------------------------------------------------------------------
     def sample_rows(self, batch: PromptBatch):
