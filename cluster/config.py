@@ -150,7 +150,11 @@ class LearnerConfig(_Strict):
     save_every: int = Field(100, ge=0, description="steps between checkpoints (and at the end); 0 = none")
     keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted")
     gradient_checkpointing: bool = False
-    weight_transport: Literal["object_store"] = "object_store"
+    weight_transport: Literal["object_store", "collective"] = Field(
+        "object_store", description="how pushes reach the student rollout actors: object_store = rank 0's "
+        "buckets through Ray's object store; collective = rank 0 broadcasts each bucket as it is gathered "
+        "on a side-band group with the students (gloo on cpu, NCCL on cuda: student actors need GPUs "
+        "then), falling back to the object store when that fails and for a restarted student's first load")
     bucket_mib: int = Field(64, ge=1)
     threads: int = Field(1, ge=1, description="torch threads per learner actor on CPU")
     resources: dict[str, float] = _resources_field("learner rank (and its placement-group bundle)")

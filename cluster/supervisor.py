@@ -30,7 +30,7 @@ class ActorLostError(RuntimeError):
 class Supervisor:
     actors: Any                                   # cluster.actors.Actors (lists are replaced in place)
     make_rollout: Callable[[str, int], Any]       # (role, index) -> a started (not yet ready) actor
-    weights: Callable[[], tuple[Any, int]]        # the current weight payload ref and version
+    weights: Callable[[], tuple[Any, int]]        # an object-store weight payload and its version
     max_restarts: int = 3
     window_s: float = 3600.0
     timeout_s: float = 600.0
@@ -94,6 +94,10 @@ class Supervisor:
         fresh = self.make_rollout(role, index)
         ray.get(fresh.health.remote(), timeout=self.timeout_s)
         if role == "student":
+            # Always an object-store payload, whatever learner.weight_transport is: a fresh actor is
+            # not in the collective transport's side band, and forming a group of every student
+            # here would hang on any other student in trouble. Trainer.weights exports one when the
+            # side band kept none; the next push forms the group again, with this actor in it.
             payload, version = self.weights()
             ray.get(fresh.load_weights.remote(payload, version), timeout=self.timeout_s)
         group[index] = fresh

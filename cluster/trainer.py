@@ -30,6 +30,7 @@ class Trainer:
         self.resume_hint, self.log = resume_hint, log
         self.version = 0
         self.payload = None  # the newest weights (rank 0's buckets), for restarted students
+        self._members: list | None = None  # the students in the collective transport's side band
         self.pushed_at = -1  # the learner step whose weights the students hold
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -126,22 +127,97 @@ class Trainer:
             self.max_lag = max(self.max_lag, self.version - min(versions))
 
     def push_weights(self, version: int | None = None) -> None:
-        """Pack weights on rank 0 (all ranks enter, for ZeRO-3) and queue the load on students.
+        """Send the learner's current weights to every student as ``version`` (default: the next).
 
-        The students load them as ``version`` (default: the next one). A student actor runs its
-        calls in order, so anything asked of it after this sees the new weights.
+        object_store: rank 0 packs the buckets (all ranks enter, for ZeRO-3) and the students'
+        loads are queued; a student actor runs its calls in order, so anything asked of it after
+        this sees the new weights. collective: rank 0 broadcasts on the side-band group while the
+        students receive, and this returns when both are done (within ray.actor_timeout_s); if
+        the side band fails, the group is dropped and this push goes through the object store.
         """
+        version = self.version + 1 if version is None else version
+        if self.cfg.learner.weight_transport != "collective" or not self._push_collective(version):
+            self._push_object_store(version, self.actors.students)
+        self.version, self.pushed_at = version, self.step
+
+    def _push_object_store(self, version: int, students: list) -> None:
         lc = self.cfg.learner
-        refs = [l.export_weights.remote(lc.weight_transport, lc.bucket_mib, self.cfg.rollout.dtype)
+        refs = [l.export_weights.remote("object_store", lc.bucket_mib, self.cfg.rollout.dtype)
                 for l in self.actors.learners]
         self.wait(refs[1:], self.learner_names()[1:])  # the other ranks only took part in the gather
         self.payload = refs[0]  # rank 0's buckets; Ray hands them to the students without the driver
-        self.version = self.version + 1 if version is None else version
-        self.pushed_at = self.step
-        for student in self.actors.students:
-            student.load_weights.remote(self.payload, self.version)
+        for student in students:
+            student.load_weights.remote(self.payload, version)
+
+    def _push_collective(self, version: int) -> bool:
+        """One push over the side band, forming the group first if its members changed (a new
+        job, a restarted student). False if it failed: the caller falls back."""
+        lc, students = self.cfg.learner, list(self.actors.students)
+        errors = [] if self._members == students else self._form_group(students)
+        if not errors:
+            refs = [l.export_weights.remote("collective", lc.bucket_mib, self.cfg.rollout.dtype)
+                    for l in self.actors.learners]
+            receives = [s.receive_weights.remote(version) for s in students]
+            errors = self._side_band(refs, self.learner_names(), receives)
+        if errors:
+            self.log(f"collective weight push of version {version} failed ({'; '.join(errors)}); "
+                     f"it goes through the object store, and the next push forms the group again")
+            self._members = None
+            self.wait(self.actors.learners[0].close_weight_group.remote(), "learner-0")
+            return False
+        self.payload = None  # nothing is kept: a restarted student gets a fresh export (weights())
+        return True
+
+    def _form_group(self, students: list) -> list[str]:
+        """A new side-band group: learner rank 0 hosts a new store, everyone joins it at once."""
+        rank0, timeout = self.actors.learners[0], self.side_band_timeout_s
+        address = self.wait(rank0.open_weight_store.remote(timeout), "learner-0")
+        size = len(students) + 1
+        backend = "nccl" if self.cfg.learner.device == "cuda" else "gloo"
+        joins = [s.join_weight_group.remote(address, i + 1, size, backend, timeout)
+                 for i, s in enumerate(students)]
+        errors = self._side_band([rank0.join_weight_group.remote(size, timeout)], ["learner-0"], joins)
+        self._members = None if errors else students
+        return errors
+
+    @property
+    def side_band_timeout_s(self) -> float:
+        """The side band's own timeout: half of ray.actor_timeout_s, so that a student that
+        hangs fails the side band (which falls back) well before the learner wait gives up."""
+        return self.cfg.ray.actor_timeout_s / 2
+
+    def _side_band(self, learner_refs: list, names: list[str], student_refs: list) -> list[str]:
+        """Wait for one side-band step; returns what went wrong (empty: all well).
+
+        A lost or silent learner rank fails the job (``wait``); a student's failure is only
+        reported: the caller falls back to the object store, and the supervisor restarts a
+        student that is gone when its next request fails.
+        """
+        deadline = time.time() + self.cfg.ray.actor_timeout_s
+        results = self.wait(learner_refs, names)
+        errors = [r.get("error") if isinstance(r, dict) else r for r in results]
+        errors = [e for e in errors if e]
+        for i, ref in enumerate(student_refs):
+            try:
+                ray.get(ref, timeout=max(0.0, deadline - time.time()))
+            except ray.exceptions.RayError as err:
+                errors.append(f"student-{i}: {first_line(err)}")
+        return errors
 
     def weights(self) -> tuple[Any, int]:
+        """What a restarted student loads first: an object-store payload and its version.
+
+        After an object-store push that is the push's own payload. The collective transport
+        keeps no copy, so the learner's weights go through the object store now: under the same
+        version when the learner has not stepped since the last push, else as a new version
+        that every student loads (a version names one set of weights). The next collective push
+        forms the group again, with the restarted student in it (cluster.supervisor).
+        """
+        if self.payload is None:
+            same = self.step == self.pushed_at
+            version = self.version if same else self.version + 1
+            self._push_object_store(version, [] if same else self.actors.students)
+            self.version, self.pushed_at = version, self.step
         return self.payload, self.version
 
     def learner_tokens_per_s(self) -> float:
