@@ -11,7 +11,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING := 0
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench-memory bench-quality docker-smoke clean
+.PHONY: setup demo test test-fast bench-memory bench-quality bench-speed docker-smoke clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,13 @@ bench-memory: setup
 # on 2 cores); rewrites the quality section of BENCHMARKS.md. `make test` runs a reduced variant.
 bench-quality: setup
 	$(PY) -m bench.quality --benchmarks-md BENCHMARKS.md
+
+# Speed, issue #13 item 5 (a-d): vLLM vs transformers rollouts, weight push vs memcpy, async overlap,
+# ammd vs TRL GKDTrainer, on a locally built 32k-vocabulary pair (~20M student, ~106M teacher);
+# ~20-25 min on 2 idle cores; rewrites the speed section of BENCHMARKS.md and bench/results/speed.json.
+# `make test` runs its smoke variant (python -m bench.speed --smoke).
+bench-speed: setup
+	$(PY) -m bench.speed --benchmarks-md BENCHMARKS.md
 
 # docker-compose smoke test (slow, root, Debian; not part of `make test`): docker/README.md
 docker-smoke:
