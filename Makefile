@@ -46,7 +46,7 @@ bench-quality: setup
 
 # Speed, issue #13 item 5 (a-d): vLLM vs transformers rollouts, weight push vs memcpy, async overlap,
 # ammd vs TRL GKDTrainer, on a locally built 32k-vocabulary pair (~20M student, ~106M teacher);
-# ~20-25 min on 2 idle cores; rewrites the speed section of BENCHMARKS.md and bench/results/speed.json.
+# ~15-25 min on 2 idle cores; rewrites the speed section of BENCHMARKS.md and bench/results/speed.json.
 # `make test` runs its smoke variant (python -m bench.speed --smoke).
 bench-speed: setup
 	$(PY) -m bench.speed --benchmarks-md BENCHMARKS.md
