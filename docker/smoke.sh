@@ -10,6 +10,10 @@
 #     TLS here), pinned to the versions of .venv when there is one; if missing or stale.
 #  5. docker build (context streamed as a tar of the files the image needs), compose up with
 #     --exit-code-from probe, compose down. Exit status: the probe's.
+# `smoke.sh multinode` runs docker-compose.multinode.yml at step 5 instead: a Ray head and two
+# worker nodes (learner_node, rollout_node), the demo submitted with `ray job submit`, checked by
+# the submitter (job succeeded, report.json placement) and the probe (/status on the head), and
+# /status read from the host through the head's published port. Exit 0 only if all three pass.
 # Always cleans up (trap): compose down, dockerd stopped, the docker0 link and the iptables
 # rules dockerd leaves (legacy tables: DOCKER chains, FORWARD policy) removed, ip_forward
 # restored. Images, the wheelhouse and the debs are kept, so a second run only rebuilds what
@@ -21,7 +25,12 @@ SCRATCH=${AMMD_DOCKER_SCRATCH:-$REPO/.cache/docker}
 BASE_IMAGE=${BASE_IMAGE:-local/debian-py:bookworm}
 IMAGE=${AMMD_IMAGE:-ammd:local}
 WHEELHOUSE=$REPO/docker/wheelhouse
-PROJECT=${AMMD_COMPOSE_PROJECT:-ammd-smoke}
+MODE=${1:-single}
+case "$MODE" in
+    single) COMPOSE_FILE=$REPO/docker/docker-compose.yml; PROJECT=${AMMD_COMPOSE_PROJECT:-ammd-smoke} ;;
+    multinode) COMPOSE_FILE=$REPO/docker/docker-compose.multinode.yml; PROJECT=${AMMD_COMPOSE_PROJECT:-ammd-smoke-mn} ;;
+    *) echo "usage: docker/smoke.sh [single|multinode]" >&2; exit 2 ;;
+esac
 SMOKE_TIMEOUT_S=${AMMD_SMOKE_TIMEOUT_S:-1800}
 ROOT=$SCRATCH/root                      # unpacked debs
 BIN=$SCRATCH/bin                        # iptables, docker-init, ... names dockerd looks up
@@ -37,7 +46,7 @@ lap() { local now; now=$(date +%s); TIMES+=("$1: $((now - LAST)) s"); LAST=$now;
 docker() { "$ROOT/usr/bin/docker" "$@"; }
 compose() {
     PYTHONPATH=$ROOT/usr/lib/python3/dist-packages /usr/bin/python3 "$ROOT/usr/bin/docker-compose" \
-        -p "$PROJECT" -f "$REPO/docker/docker-compose.yml" "$@"
+        -p "$PROJECT" -f "$COMPOSE_FILE" "$@"
 }
 
 IP_FORWARD=$(cat /proc/sys/net/ipv4/ip_forward)
@@ -206,6 +215,39 @@ build_image() {
     log "$IMAGE: $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}')"
 }
 
+# --- 5b. the multi-node compose: detached, then wait for the submitter and the probe ----------
+state_of() { docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$1" 2>/dev/null || echo "gone 1"; }
+ended() { case "$1" in exited*|dead*|gone*) return 0 ;; esac; return 1; }
+
+host_status() {  # "step N/M" from the job's /status through the head's published port, or nothing
+    /usr/bin/python3 -c 'import json, sys, urllib.request as u
+s = json.load(u.urlopen(sys.argv[1], timeout=3)); print("step %d/%d, state %s" % (s["step"], s["total_steps"], s["state"]))' \
+        "http://127.0.0.1:$AMMD_STATUS_HOST_PORT/status" 2>/dev/null || true
+}
+
+run_multinode() {
+    export AMMD_STATUS_HOST_PORT=${AMMD_STATUS_HOST_PORT:-$(/usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+    log "compose up -d (ray-head, ray-learner, ray-rollout, submitter, probe); /status on 127.0.0.1:$AMMD_STATUS_HOST_PORT"
+    compose up -d --no-build
+    local sub prb deadline=$(($(date +%s) + SMOKE_TIMEOUT_S)) seen="" now last_log=0 s1 s2
+    sub=$(compose ps -q submitter); prb=$(compose ps -q probe)
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        s1=$(state_of "$sub"); s2=$(state_of "$prb")
+        now=$(host_status)
+        if [ -n "$now" ] && { [ -z "$seen" ] || [ $(($(date +%s) - last_log)) -ge 30 ]; }; then
+            log "host: /status $now"; seen=1; last_log=$(date +%s)
+        fi
+        if ended "$s1" && ended "$s2"; then break; fi
+        if { ended "$s1" && [ "$s1" != "exited 0" ]; } || { ended "$s2" && [ "$s2" != "exited 0" ]; }; then break; fi
+        sleep 5
+    done
+    compose logs --no-color >"$SCRATCH/multinode.log" 2>&1 || true
+    grep -E '^(submitter|probe)' "$SCRATCH/multinode.log" | grep -v -e 'INFO' -e '^\S*\s*|\s*$' | tail -60 || true
+    log "submitter: $(state_of "$sub"), probe: $(state_of "$prb") (status, exit code); all logs: $SCRATCH/multinode.log"
+    [ -n "$seen" ] || log "the job's /status was never reachable from the host on 127.0.0.1:$AMMD_STATUS_HOST_PORT"
+    [ "$(state_of "$sub")" = "exited 0" ] && [ "$(state_of "$prb")" = "exited 0" ] && [ -n "$seen" ]
+}
+
 main() {
     command -v apt-get >/dev/null && command -v dpkg >/dev/null \
         || { echo "smoke.sh needs apt-get and dpkg (a Debian-like machine)" >&2; exit 2; }
@@ -217,16 +259,22 @@ main() {
     build_image; lap "image build"
     mkdir -p "${AMMD_TOY_DIR:-$REPO/artifacts/toy}"
     compose down --remove-orphans >/dev/null 2>&1 || true
-    log "compose up (job + probe)"
     local rc=0
-    timeout "$SMOKE_TIMEOUT_S" env PYTHONPATH="$ROOT/usr/lib/python3/dist-packages" /usr/bin/python3 \
-        "$ROOT/usr/bin/docker-compose" -p "$PROJECT" -f "$REPO/docker/docker-compose.yml" \
-        up --no-build --abort-on-container-exit --exit-code-from probe || rc=$?
+    if [ "$MODE" = multinode ]; then
+        run_multinode || rc=1
+    else
+        log "compose up (job + probe)"
+        timeout "$SMOKE_TIMEOUT_S" env PYTHONPATH="$ROOT/usr/lib/python3/dist-packages" /usr/bin/python3 \
+            "$ROOT/usr/bin/docker-compose" -p "$PROJECT" -f "$COMPOSE_FILE" \
+            up --no-build --abort-on-container-exit --exit-code-from probe || rc=$?
+    fi
     lap "compose up"
     compose down --remove-orphans >/dev/null 2>&1 || true
     lap "compose down"
-    if [ "$rc" = 0 ]; then log "SMOKE OK: the probe saw the job's /healthz and a step >= 1 in /status"
-    else log "SMOKE FAILED: compose up exited $rc"; fi
+    if [ "$rc" != 0 ]; then log "SMOKE FAILED ($MODE): exit status $rc"
+    elif [ "$MODE" = multinode ]; then
+        log "SMOKE OK (multinode): the job ran on 3 Ray nodes, learner ranks and rollout actors on their own"
+    else log "SMOKE OK: the probe saw the job's /healthz and a step >= 1 in /status"; fi
     return "$rc"
 }
 
