@@ -30,8 +30,9 @@ estimate of f over the tail; ``tail="student_mean"`` (default) uses the student-
 of f over the tokens outside the top-k, ``tail="zero"`` drops the tail (f = 0 there). With
 k = V both are exact. The student term sum_a q(a) f(a) is always exact.
 
-The adversaries are Q-heads on the student's final hidden state (detached): tanh of a linear
-map (``head="linear"``) or of a one-hidden-layer MLP (``head="mlp"``) to V values.
+The adversaries are Q-heads on the student's final hidden state (detached), with the class
+they play in, in ``learner.amm_heads`` (re-exported here): linear, MLP, low-rank, and linear
+or low-rank plus a scaled log-ratio feature.
 All maths works through positions in chunks (``learner.losses.chunked_sum``), so no [N, V]
 intermediate beyond the gradient buffer is ever alive.
 """
@@ -41,8 +42,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
 
+# AdversaryClass and QHead live in learner.amm_heads; importable from here as before.
+from learner.amm_heads import DEFAULT_HEAD_RANK, HEADS, AdversaryClass, QHead
 from learner.losses import (DEFAULT_CHUNK_SIZE, TAIL_LOG_FLOOR, _NEG, _select, chunked_sum,
                             compute_dtype, topk_cover)
 from learner.schedule import SCHEDULES
@@ -54,88 +56,6 @@ ADVERSARIES = ("learned", "oracle")
 PENALTY_GRADS = ("detached", "full")
 BASELINES = ("loo", "none")
 RETURNS = ("full", "to_go")
-HEADS = ("linear", "mlp", "logratio")
-
-
-@dataclass(frozen=True)
-class AdversaryClass:
-    """The function class the adversary plays in, and its analytic best response.
-
-    - ``bounded``: f(s, a) in [-1, 1] (tanh). Best response sign(p - q); the value of the
-      game, sum_a |p - q|, is twice the total-variation distance.
-    - ``chi2``: f unbounded, the adversary maximising gap - lam * E_{a~q} f(s, a)^2. Best
-      response f* = (p/q - 1) / (2 lam); the value is chi^2(p || q) / (4 lam). With f* held
-      fixed and the penalty's q detached (``penalty_grad="detached"``), the student's gradient
-      on its logits is (q - p) / (2 lam), forward KL's direction. Differentiating the penalty
-      through q as well (``"full"``, the envelope theorem's gradient of the value) descends
-      chi^2 itself: -(p^2/q - q sum_a p^2/q) / (4 lam).
-    """
-
-    kind: str = "bounded"
-    lam: float = 1.0
-
-    def squash(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(z) if self.kind == "bounded" else z
-
-    def feature(self, log_ratio: torch.Tensor) -> torch.Tensor:
-        """What a ``logratio`` head adds, scaled: its best response is a function of it."""
-        if self.kind == "bounded":
-            return log_ratio.clamp(-20, 20)
-        return torch.expm1(log_ratio.clamp(max=10))
-
-    def best_response(self, log_ratio: torch.Tensor) -> torch.Tensor:
-        if self.kind == "bounded":
-            return torch.sign(log_ratio)
-        return torch.expm1(log_ratio.clamp(max=10)) / (2 * self.lam)
-
-    def penalty(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """[n] lam * sum_a q(a) f(a)^2 (0 for the bounded class)."""
-        if self.kind == "bounded":
-            return torch.zeros(q.shape[:-1], dtype=q.dtype, device=q.device)
-        return self.lam * (q * f * f).sum(-1)
-
-
-class QHead(nn.Module):
-    """f(s, .) from a hidden state h_s of size ``hidden``, squashed by its class (tanh for
-    the bounded class, nothing for chi2):
-
-    - ``linear``: W h + b;  ``mlp``: W2 gelu(W1 h + b1) + b2;
-    - ``logratio``: W h + b + c * feature(log p - log q), a linear head that also sees the
-      per-token log-ratio of teacher and student (``log_ratio``), with a learned scale c. The
-      feature is the log-ratio itself (bounded: sign of it is the best response) or p/q - 1
-      (chi2: the best response is proportional to it), so this head can reach the best
-      response where a head on the student's own hidden state alone chases a moving target.
-    """
-
-    def __init__(self, hidden: int, vocab: int, kind: str = "linear", width: Optional[int] = None,
-                 cls: AdversaryClass = AdversaryClass()):
-        super().__init__()
-        self.cls = cls
-        if kind not in HEADS:
-            raise ValueError(f"unknown AMM head {kind!r}; loss.params.head must be one of {HEADS}")
-        self.kind = kind
-        if kind == "mlp":
-            width = width or 2 * hidden
-            self.net = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, vocab))
-        else:
-            self.net = nn.Linear(hidden, vocab)
-        for m in self.modules():  # start near f = 0: the adversary has learned nothing yet
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        self.scale = nn.Parameter(torch.ones(())) if kind == "logratio" else None
-
-    def forward(self, h: torch.Tensor, log_ratio: Optional[torch.Tensor] = None) -> torch.Tensor:
-        z = self.net(h.to(self.net_dtype))
-        if self.scale is not None:
-            if log_ratio is None:
-                raise ValueError("the 'logratio' AMM head needs the teacher/student log-ratio")
-            z = z + self.scale * self.cls.feature(log_ratio.to(z.dtype))
-        return self.cls.squash(z)
-
-    @property
-    def net_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
 
 def log_ratio(student_logits: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
@@ -264,7 +184,7 @@ def adversary_values(heads: tuple[QHead, QHead], hidden: torch.Tensor, student_l
     """[n, V] values f(s, .) at positions ``index``: f_on on student rows, f_off on teacher rows."""
     h = hidden[index].detach()
     ratio = (log_ratio(student_logits[index].detach(), _select(teacher, index))
-             if heads[0].kind == "logratio" else None)
+             if heads[0].needs_log_ratio else None)
     on = is_on_policy.to(torch.bool)[index[0]]
 
     def run(head: QHead, rows: torch.Tensor) -> torch.Tensor:  # a head only on its own rows
@@ -426,7 +346,9 @@ AMM_DEFAULTS: dict[str, Any] = {
     "adv_lr_schedule": "constant",  # "constant" | "linear" | "cosine" over the learner's steps:
                            # the adversary must keep tracking the student to the end
     "adv_steps": 1,        # adversary ascent steps per student step
-    "head": "logratio",    # "logratio" | "linear" | "mlp" (see QHead)
+    "head": "logratio",    # "logratio" | "linear" | "mlp" | "lowrank" | "logratio_lowrank"
+                           # (learner.amm_heads); the low-rank kinds do not grow as hidden x V
+    "head_rank": DEFAULT_HEAD_RANK,  # r of the low-rank heads: (hidden + V) r + V parameters each
     "tail": "student_mean",  # top-k tail handling: "student_mean" | "zero"
     "baseline": "loo",     # "loo" (leave-one-out mean of the return-to-go) | "none"
     "ratio_clip": 2.0,     # cap of the per-token importance ratio for older rows
@@ -451,6 +373,11 @@ AMM_DEFAULTS: dict[str, Any] = {
 BETA_SCHEDULES = ("constant", "linear")
 
 
+def _is_int(x: Any) -> bool:
+    """An int that is not a bool (YAML's true would otherwise pass as 1)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def resolve_amm_params(params: dict[str, Any]) -> dict[str, Any]:
     """AMM_DEFAULTS overridden by ``params``; refuses unknown keys and bad values by name."""
     unknown = sorted(set(params) - set(AMM_DEFAULTS))
@@ -462,6 +389,7 @@ def resolve_amm_params(params: dict[str, Any]) -> dict[str, Any]:
               ("adv_lr_schedule", out["adv_lr_schedule"] in SCHEDULES, f"one of {SCHEDULES}"),
               ("adv_steps", isinstance(out["adv_steps"], int) and out["adv_steps"] >= 0, "an integer >= 0"),
               ("head", out["head"] in HEADS, f"one of {HEADS}"),
+              ("head_rank", _is_int(out["head_rank"]) and out["head_rank"] >= 1, "an integer >= 1"),
               ("tail", out["tail"] in TAILS, f"one of {TAILS}"),
               ("baseline", out["baseline"] in BASELINES, f"one of {BASELINES}"),
               ("returns", out["returns"] in RETURNS, f"one of {RETURNS}"),

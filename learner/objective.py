@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from learner.amm import (AdversaryClass, QHead, StudentInputs, adversary_step, adversary_values,
-                         oracle_values, resolve_amm_params, true_distances,
-                         student_loss)
+from learner.amm import (StudentInputs, adversary_step, adversary_values, oracle_values,
+                         resolve_amm_params, true_distances, student_loss)
+from learner.amm_heads import AdversaryClass, QHead
 from learner.batch import LearnerBatch
 from learner.collectives import average_over_ranks
 from learner.losses import LOSSES, forward_kl, get_loss
@@ -65,8 +65,8 @@ class AMMObjective:
         self.temperature = temperature  # the rollouts' sampling temperature (student_loss)
         self.cls = AdversaryClass(self.params["adversary_class"], float(self.params["chi2_lambda"]))
         self.oracle = self.params["adversary"] == "oracle"
-        self.heads = tuple(QHead(hidden_size, vocab_size, self.params["head"], cls=self.cls).to(device)
-                           for _ in range(2))
+        self.heads = tuple(QHead(hidden_size, vocab_size, self.params["head"], cls=self.cls,
+                                 rank=self.params["head_rank"]).to(device) for _ in range(2))
         self.optimizer = torch.optim.Adam([p for h in self.heads for p in h.parameters()],
                                           lr=float(self.params["adv_lr"]))
         # One scheduler step per student step, over the job's learner steps.

@@ -1,0 +1,139 @@
+"""AMM's adversaries: the function class they play in and the Q-heads that play it.
+
+A head maps the student's final hidden state h_s (detached, size ``hidden``) to values
+f(s, .) over the vocabulary V, squashed by the class (tanh for the bounded class, nothing for
+chi2). Every head is replicated on each learner rank, outside ZeRO, with its Adam state, so
+its size is per-rank memory. The kinds (``HEADS``):
+
+- ``linear``: W h + b, W V x hidden: hidden V + V parameters (268M at 2048 x 128k);
+- ``mlp``: W2 gelu(W1 h + b1) + b2, width 2 hidden: about 2 hidden V + 4 hidden^2;
+- ``lowrank``: W2 (W1 h) + b, W2 V x r, W1 r x hidden: (hidden + V) r + V parameters
+  (8.7M at 2048 x 128k and r = 64, 3% of linear's); r = ``loss.params.head_rank``;
+- ``logratio`` / ``logratio_lowrank``: linear / lowrank plus c * feature(log p - log q), the
+  per-token log-ratio of teacher p and student q, with one learned scale c.
+
+Why the log-ratio feature: the class's best response is a function of the log-ratio alone
+(bounded: sign(log p - log q); chi2: (p/q - 1) / (2 lam), ``AdversaryClass.best_response``),
+so a head with c * feature reaches it at W = 0 and c = 1/(2 lam) (chi2) or c -> inf
+(bounded) whatever its rank, while a head on h alone must learn a map from the student's own
+state to p - q and chases a moving target. With the feature, the low-rank part only has to
+carry what the feature misses, so ``logratio_lowrank`` keeps ``logratio``'s reach at a
+fraction of its size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+HEADS = ("linear", "mlp", "logratio", "lowrank", "logratio_lowrank")
+RATIO_HEADS = ("logratio", "logratio_lowrank")  # heads that read the log-ratio feature
+DEFAULT_HEAD_RANK = 64
+
+
+@dataclass(frozen=True)
+class AdversaryClass:
+    """The function class the adversary plays in, and its analytic best response.
+
+    - ``bounded``: f(s, a) in [-1, 1] (tanh). Best response sign(p - q); the value of the
+      game, sum_a |p - q|, is twice the total-variation distance.
+    - ``chi2``: f unbounded, the adversary maximising gap - lam * E_{a~q} f(s, a)^2. Best
+      response f* = (p/q - 1) / (2 lam); the value is chi^2(p || q) / (4 lam). With f* held
+      fixed and the penalty's q detached (``penalty_grad="detached"``), the student's gradient
+      on its logits is (q - p) / (2 lam), forward KL's direction. Differentiating the penalty
+      through q as well (``"full"``, the envelope theorem's gradient of the value) descends
+      chi^2 itself: -(p^2/q - q sum_a p^2/q) / (4 lam).
+    """
+
+    kind: str = "bounded"
+    lam: float = 1.0
+
+    def squash(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z) if self.kind == "bounded" else z
+
+    def feature(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        """What a log-ratio head adds, scaled: its best response is a function of it."""
+        if self.kind == "bounded":
+            return log_ratio.clamp(-20, 20)
+        return torch.expm1(log_ratio.clamp(max=10))
+
+    def best_response(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        if self.kind == "bounded":
+            return torch.sign(log_ratio)
+        return torch.expm1(log_ratio.clamp(max=10)) / (2 * self.lam)
+
+    def penalty(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """[n] lam * sum_a q(a) f(a)^2 (0 for the bounded class)."""
+        if self.kind == "bounded":
+            return torch.zeros(q.shape[:-1], dtype=q.dtype, device=q.device)
+        return self.lam * (q * f * f).sum(-1)
+
+
+def head_net(kind: str, hidden: int, vocab: int, width: Optional[int] = None,
+             rank: int = DEFAULT_HEAD_RANK) -> nn.Module:
+    """The map h -> z (before the feature and the squash), starting near z = 0.
+
+    Linear and MLP: weights ~ N(0, 0.02^2), biases 0. Low-rank: W1 ~ N(0, 1/hidden) gives
+    O(1) features W1 h; W2 = 0 and b = 0 give z = 0 exactly at the start, and W2's gradient
+    (the features times dL/dz) is nonzero, so the product leaves the saddle at W2 W1 = 0 from
+    the first step.
+    """
+    if kind in ("lowrank", "logratio_lowrank"):
+        down, up = nn.Linear(hidden, rank, bias=False), nn.Linear(rank, vocab)
+        nn.init.normal_(down.weight, std=hidden ** -0.5)
+        nn.init.zeros_(up.weight)
+        nn.init.zeros_(up.bias)
+        return nn.Sequential(down, up)
+    if kind == "mlp":
+        width = width or 2 * hidden
+        net: nn.Module = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, vocab))
+    else:
+        net = nn.Linear(hidden, vocab)
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+class QHead(nn.Module):
+    """f(s, .) = squash(net(h_s) [+ c * feature(log p - log q)]): one adversary (module
+    docstring for the kinds; ``rank``: the low-rank kinds' r, ``width``: the MLP's)."""
+
+    def __init__(self, hidden: int, vocab: int, kind: str = "linear", width: Optional[int] = None,
+                 cls: AdversaryClass = AdversaryClass(), rank: int = DEFAULT_HEAD_RANK):
+        super().__init__()
+        if kind not in HEADS:
+            raise ValueError(f"unknown AMM head {kind!r}; loss.params.head must be one of {HEADS}")
+        if rank < 1:
+            raise ValueError(f"loss.params.head_rank={rank!r} must be an integer >= 1")
+        self.cls, self.kind = cls, kind
+        self.net = head_net(kind, hidden, vocab, width, rank)
+        self.scale = nn.Parameter(torch.ones(())) if kind in RATIO_HEADS else None
+
+    @property
+    def needs_log_ratio(self) -> bool:
+        """Whether ``forward`` needs the teacher/student log-ratio."""
+        return self.scale is not None
+
+    def forward(self, h: torch.Tensor, log_ratio: Optional[torch.Tensor] = None) -> torch.Tensor:
+        z = self.net(h.to(self.net_dtype))
+        if self.scale is not None:
+            if log_ratio is None:
+                raise ValueError(f"the {self.kind!r} AMM head needs the teacher/student log-ratio")
+            z = z + self.scale * self.cls.feature(log_ratio.to(z.dtype))
+        return self.cls.squash(z)
+
+    @property
+    def net_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+def head_parameter_count(hidden: int, vocab: int, kind: str, rank: int = DEFAULT_HEAD_RANK,
+                         width: Optional[int] = None) -> int:
+    """Parameters of one head, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        head = QHead(hidden, vocab, kind, width, rank=rank)
+    return sum(p.numel() for p in head.parameters())
