@@ -97,7 +97,9 @@ METHODS: dict[str, tuple[str, list[str]]] = {
         ("adversary warm-up 50", "mixed", 0.5, ["adv_warmup_steps=50"], []),
         ("forward-KL anchor 0.5", "mixed", 0.5, ["anchor_fkl=0.5"], []),
         ("beta=1", "teacher", 1.0, [], []),
-        ("student + dataset", "student+dataset", 0.5, [], ["rollout.off_policy=dataset"]))},
+        ("student + dataset", "student+dataset", 0.5, [], ["rollout.off_policy=dataset"]),
+        # the head that fits a real vocabulary (issue #13): (hidden + V) x 64, not hidden x V
+        ("low-rank head", "mixed", 0.5, ["head=logratio_lowrank"], []))},
     "FKL (student + dataset)": ("student+dataset", ["loss.name=forward_kl", "rollout.off_policy=dataset",
                                                     *_MIXED]),
     # The learning-rate schedule's ablation (forward KL; the default schedule is linear decay).
@@ -121,7 +123,7 @@ DEFAULT_ABLATIONS = (amm_label(1.0), "AMM oracle (beta=0.5)", "AMM without polic
                      "AMM chi2 normalised policy gradient (beta=0.5)",
                      *(f"{AMM_CHI2[:-len(' (beta=0.5)')]}, {name}" for name in (
                          "beta 1 to 0.5", "adversary lr x10", "4 adversary steps", "adversary warm-up 50",
-                         "forward-KL anchor 0.5")))
+                         "forward-KL anchor 0.5", "low-rank head")))
 ROWS_SOURCES = {"dataset": {"dataset"}, "mixed": {"student", "teacher"}, "student": {"student"},
                 "teacher": {"teacher"}, "student+dataset": {"student", "dataset"}}
 
