@@ -14,7 +14,9 @@ a call may carry (64 MiB). The classes run in one process instead of as Ray acto
 the ``ray.method`` decorator and node-address helper are stood in for when Ray is missing
 (they do nothing on a method call); with one GPU, NCCL cannot form a two-rank group.
 
-    python -m bench.gpu_check --out gpu_check.json
+    python -m bench.gpu_check --out gpu_check.json                       # the path check
+    for i in 0 1 2; do python -m bench.gpu_check --preset vocab128k --loss $i --out 128k-$i.json; done
+                                        # AMM heads' memory at V=131072, one process per loss
 """
 from __future__ import annotations
 
@@ -41,13 +43,26 @@ def _ray_stand_in() -> None:
         sys.modules["ray"] = ray
 
 
-def build_pair(root: Path, vocab: int = 32000) -> tuple[str, str]:
-    """A ~45M teacher and ~10M student (Llama architecture, seed 0), saved as HF model dirs."""
+# (vocab, (teacher hidden, layers, heads), (student hidden, layers, heads)) per --preset
+PRESETS = {"small": (32000, (512, 8, 8), (256, 4, 4)),          # ~45M teacher, ~10M student
+           "vocab128k": (131072, (2048, 2, 16), (2048, 1, 16))}  # AMM's heads at a real vocabulary
+LOSSES = {"small": [{"name": "forward_kl"},
+                    {"name": "amm", "params": {"adversary_class": "chi2", "pg_coef": 0}},
+                    {"name": "amm"}],
+          "vocab128k": [{"name": "forward_kl"},
+                        {"name": "amm", "params": {"adversary_class": "chi2", "pg_coef": 0}},
+                        {"name": "amm", "params": {"adversary_class": "chi2", "pg_coef": 0,
+                                                   "head": "logratio_lowrank"}}]}
+
+
+def build_pair(root: Path, preset: str = "small") -> tuple[str, str]:
+    """A Llama-architecture teacher and student of ``preset`` (seed 0), saved as HF model dirs."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    vocab, *sizes = PRESETS[preset]
     dirs = []
-    for name, hidden, layers, heads in (("teacher", 512, 8, 8), ("student", 256, 4, 4)):
+    for name, (hidden, layers, heads) in zip(("teacher", "student"), sizes):
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
@@ -69,7 +84,7 @@ def make_rows(teacher: str, student: str, prompts: int, tokens: int):
     t = RolloutWorker("teacher", "hf", teacher, engine_options=eng, **opts)
     s = RolloutWorker("student", "hf", student, engine_options=eng, **opts)
     rng = np.random.default_rng(0)
-    batch = [(i, rng.integers(3, 32000, 12).tolist()) for i in range(prompts)]
+    batch = [(i, rng.integers(3, 32000, 12).tolist()) for i in range(prompts)]  # ids < every preset's vocab
     t0 = time.time()
     off = t.sample_rows(batch[: prompts // 2])
     on = t.score_rows(s.sample(batch[prompts // 2:]))
@@ -130,6 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--loss", type=int, default=None,
+                    help="run only this entry of the preset's losses: one process per loss, so a "
+                         "peak-memory figure holds nothing an earlier learner left allocated")
     args = ap.parse_args(argv)
     _ray_stand_in()
     import gc
@@ -141,15 +160,12 @@ def main(argv: list[str] | None = None) -> dict:
         DEVICE, DTYPE = "cpu", "float32"
     name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
     result: dict = {"device": name, "torch": torch.__version__}
-    teacher, student = build_pair(Path("/tmp/gpu_check_models"))
+    teacher, student = build_pair(Path("/tmp/gpu_check_models") / args.preset, args.preset)
     table, student_actor, rollout_s = make_rows(teacher, student, args.prompts, args.tokens)
     result["rollout"] = {"rows": table.num_rows, "seconds": rollout_s}
     print(json.dumps(result), flush=True)
-    losses = [{"name": "forward_kl"},
-              {"name": "amm", "params": {"adversary_class": "chi2", "pg_coef": 0}},
-              {"name": "amm"}]
-    result["train"] = []
-    worker = None
+    result["preset"], result["train"], worker = args.preset, [], None
+    losses = LOSSES[args.preset] if args.loss is None else [LOSSES[args.preset][args.loss]]
     for loss in losses:
         worker = None  # free the previous learner before measuring the next one's peak
         gc.collect()
