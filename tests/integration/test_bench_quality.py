@@ -18,7 +18,7 @@ import pytest
 from bench.quality import DEFAULT_METHODS, ROWS_SOURCES
 from bench.trl_runner import TRL_METHODS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]  # ~8 min: CI runs it (make test-extended)
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
 ABLATION = "AMM chi2 oracle (beta=0.5)"  # one first-seed ablation, through the same path

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~4 min: CI runs it (make test-extended)
 def test_smoke_run_measures_every_part(tmp_path):
     from learner.weight_sync import TRANSPORTS
 

@@ -24,6 +24,20 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def wait_for_job(url: str, job_id: str, timeout: float) -> tuple[str, str]:
+    """Poll the job's status through Ray's job SDK until it ends: (final status, its logs)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as on the throwaway head (no token anywhere)
+    client, deadline = JobSubmissionClient(url), time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return str(status.value), client.get_job_logs(job_id)
+        time.sleep(3)
+    raise AssertionError(f"job {job_id} did not end within {timeout:.0f} s: {client.get_job_logs(job_id)[-3000:]}")
+
+
 def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -52,8 +66,10 @@ def test_demo_config_runs_under_ray_job_submit(toy_world, tmp_path):
     try:
         wait_for_dashboard(url, head)
         out = tmp_path / "runs"
+        # --no-wait, then polling the status: tailing the logs over the dashboard's websocket
+        # broke off once on a loaded machine (close code 1006) while the job itself was fine.
         submit = [str(bin_dir / "ray"), "job", "submit", f"--address={url}", f"--working-dir={ROOT}",
-                  "--", sys.executable, "-m", "cluster.cli", "run", "configs/local-cpu.yaml", "name=submitted",
+                  "--no-wait", "--submission-id", "submitted", "--", sys.executable, "-m", "cluster.cli", "run", "configs/local-cpu.yaml", "name=submitted",
                   f"models.toy_root={ROOT / 'artifacts' / 'toy'}", f"output_dir={out}", "learner.steps=6",
                   "learner.sync_every=2", "data.eval_size=20", "rollout.prompts_per_batch=32",
                   f"status.port={free_port()}"]
@@ -66,7 +82,8 @@ def test_demo_config_runs_under_ray_job_submit(toy_world, tmp_path):
                 break
             time.sleep(3)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-        assert "succeeded" in job.stdout
+        status, logs = wait_for_job(url, "submitted", timeout=600)
+        assert status == "SUCCEEDED", logs[-4000:]
         report = json.loads((out / "submitted" / "report.json").read_text())
         assert report["steps"] == 6 and report["final_weight_version"] == 3
         assert report["config"]["ray"]["address"] is None  # found through RAY_ADDRESS of the job
