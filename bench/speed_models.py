@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tasks.build import build_atomically
 from tasks.toy_models import ModelShape, make_llama
 from tasks.tokenizer import SPECIALS, build_tokenizer
 
@@ -92,18 +90,11 @@ def _cached(name: str, recipe: dict, build: Callable[[Path], None]) -> Path:
     final = CACHE / f"{name}-{_digest(recipe)}"
     if (final / "recipe.json").exists():
         return final
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
-    try:
+
+    def build_with_recipe(tmp: Path) -> None:
         build(tmp)
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1))
-        try:
-            os.rename(tmp, final)
-        except OSError:  # a concurrent build finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    build_atomically(final, build_with_recipe)
     return final
 
 

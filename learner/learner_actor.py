@@ -94,6 +94,7 @@ class LearnerWorker:
         self.skipped_nonfinite = 0
         self.tokens = 0
         self.busy_seconds = 0.0
+        self.weight_group = None  # the collective transport's side band (join_weight_group), rank 0 only
 
     @ray.method(concurrency_group="health")
     def ping(self) -> dict[str, Any]:
@@ -176,7 +177,7 @@ class LearnerWorker:
         from learner.export import tied_head, with_tied_head
         from learner.weight_sync import make_transport
 
-        sender = make_transport("collective", bucket_mib=bucket_mib, group=getattr(self, "weight_group", None))
+        sender = make_transport("collective", bucket_mib=bucket_mib, group=self.weight_group)
         tied = tied_head(self.engine.module)
         sent, error = {"buckets": 0, "bytes": 0}, None
         for bucket in self._buckets(bucket_mib, dtype):
@@ -227,7 +228,7 @@ class LearnerWorker:
 
     def close_weight_group(self) -> None:
         """Rank 0: leave the side-band group, if any (its peers' broadcasts fail at once)."""
-        group, self.weight_group = getattr(self, "weight_group", None), None
+        group, self.weight_group = self.weight_group, None
         if group is not None:
             group.close()
 

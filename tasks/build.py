@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -82,10 +83,17 @@ def build_toy_world(root: Path, task: str = "sort", seed: int = 0, log=print) ->
     final = Path(root) / f"{task}-{digest}"
     if (final / "world.json").exists():
         return _world(final, spec.metric)
+    build_atomically(final, lambda tmp: _build(tmp, spec, recipe, seed, log))
+    return _world(final, spec.metric)
+
+
+def build_atomically(final: Path, build: Callable[[Path], None]) -> None:
+    """``build(tmp)`` into a fresh sibling of ``final``, then rename it to ``final``, so a
+    reader never sees a half-built directory. A concurrent build that finished first wins."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{task}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        _build(tmp, spec, recipe, seed, log)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:  # a concurrent build finished first: keep theirs
@@ -93,7 +101,6 @@ def build_toy_world(root: Path, task: str = "sort", seed: int = 0, log=print) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _world(final, spec.metric)
 
 
 def _build(out: Path, spec, recipe: dict, seed: int, log) -> None:
