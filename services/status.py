@@ -6,7 +6,7 @@ The driver owns a ``JobStatus`` and updates it; the app only reads snapshots of 
   ``health_problems``);
 - ``/status``: JSON (step, weight version, buffer rows by source, tokens/s, the last losses and
   their history (with AMM: D_on, D_off, adversary loss), actors' health);
-- ``/metrics``: Prometheus text exposition 0.0.4 (see ``FAMILIES``);
+- ``/metrics``: Prometheus text exposition 0.0.4 (see ``services.metrics.FAMILIES``);
 - ``/``: a small page that polls ``/status`` and plots the loss;
 - any other path: 404 ``{"error": "no such endpoint /x", "endpoints": [...]}``; another method
   than GET: 405 ``{"error": ..., "allowed": ["GET"]}``.
@@ -26,11 +26,13 @@ What the driver sets (all through ``JobStatus.update``):
 from __future__ import annotations
 
 import copy
-import math
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
+
+# The Prometheus side lives in services.metrics; re-exported here for existing importers.
+from services.metrics import (CONTENT_TYPE, FAMILIES, KINDS, UP_STATES, Family, actor_kind,  # noqa: F401
+                              mapping, number, prometheus_text, samples)
 
 _PAGE = """<!doctype html><html><head><title>ammd</title><meta charset="utf-8">
 <style>body{font:14px sans-serif;margin:2em}pre{background:#f4f4f4;padding:1em}</style></head>
@@ -51,8 +53,6 @@ tick();setInterval(tick,2000);</script></body></html>"""
 
 ENDPOINTS = ("/", "/healthz", "/status", "/metrics")  # named in the 404 answer
 OK_STATES = frozenset({"alive", "starting", "restarting"})  # an actor in any other state is a problem
-UP_STATES = frozenset({"alive", "starting"})  # ammd_actor_up is 1 for these
-KINDS = ("student", "teacher", "learner", "buffer")
 
 
 class JobStatus:
@@ -119,8 +119,8 @@ def health_problems(snap: dict[str, Any], timeout_s: float, now: Optional[float]
         error = snap.get("error")
         problems.append(f"job failed: {error}" if error else "job failed")
     age = _snapshot_age(snap, time.time() if now is None else now)
-    for name, info in _mapping(snap.get("actors")).items():
-        problem = _actor_problem(str(name), _mapping(info), timeout_s, age)
+    for name, info in mapping(snap.get("actors")).items():
+        problem = _actor_problem(str(name), mapping(info), timeout_s, age)
         if problem:
             problems.append(problem)
     return problems
@@ -128,7 +128,7 @@ def health_problems(snap: dict[str, Any], timeout_s: float, now: Optional[float]
 
 def _snapshot_age(snap: dict[str, Any], now: float) -> float:
     """Seconds since the snapshot was published; 0 when it has no ``updated_at``."""
-    updated = _number(snap.get("updated_at"))
+    updated = number(snap.get("updated_at"))
     return max(0.0, now - updated) if updated is not None else 0.0
 
 
@@ -138,151 +138,10 @@ def _actor_problem(name: str, info: dict[str, Any], timeout_s: float, age: float
     if state not in OK_STATES:
         error = info.get("last_error")
         return f"{name} is {state}: {error}" if error else f"{name} is {state}"
-    last_seen = _number(info.get("last_seen_s"))
+    last_seen = number(info.get("last_seen_s"))
     if last_seen is not None and last_seen + age > timeout_s:
         return f"{name} silent for {last_seen + age:.0f} s (timeout {timeout_s:g} s)"
     return None
-
-
-# --- Prometheus text exposition 0.0.4 -----------------------------------------------------------
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-Labels = dict[str, str]
-Sample = tuple[Labels, Any]
-
-
-@dataclass(frozen=True)
-class Family:
-    """One metric family: declared once (HELP, TYPE), then one sample per label set.
-
-    ``name`` is the sample name without the ``ammd_`` prefix; counters end in ``_total`` and, as
-    in prometheus_client's own 0.0.4 output, are declared under that full name.
-    """
-    name: str
-    type: str
-    help: str
-    samples: Callable[[dict[str, Any]], Iterable[Sample]]
-
-
-def _scalar(key: str) -> Callable[[dict[str, Any]], Iterable[Sample]]:
-    return lambda snap: [({}, snap.get(key))]
-
-
-def _buffer_rows(snap: dict[str, Any]) -> Iterable[Sample]:
-    rows = _mapping(_mapping(snap.get("buffer")).get("rows_by_source"))
-    return [({"source": str(source)}, n) for source, n in rows.items()]
-
-
-def _usage(field: str) -> Callable[[dict[str, Any]], Iterable[Sample]]:
-    def samples(snap: dict[str, Any]) -> Iterable[Sample]:
-        usage = _mapping(snap.get("rollout_usage"))
-        return [({"source": str(source)}, _mapping(use).get(field)) for source, use in usage.items()]
-    return samples
-
-
-def _losses(snap: dict[str, Any]) -> Iterable[Sample]:
-    return [({"term": str(term)}, value) for term, value in _mapping(snap.get("losses")).items()]
-
-
-def _eval_score(snap: dict[str, Any]) -> Iterable[Sample]:
-    evals = snap.get("evals")
-    if not isinstance(evals, list) or not evals:
-        return []
-    return [({}, _mapping(evals[-1]).get("score"))]
-
-
-def _per_actor(value: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Iterable[Sample]]:
-    def samples(snap: dict[str, Any]) -> Iterable[Sample]:
-        return [({"actor": str(name), "kind": actor_kind(str(name), _mapping(info))}, value(_mapping(info)))
-                for name, info in _mapping(snap.get("actors")).items()]
-    return samples
-
-
-def actor_kind(name: str, info: dict[str, Any]) -> str:
-    """The actor's ``kind``, else its name's prefix when that is a known kind, else "unknown"."""
-    kind = info.get("kind")
-    if isinstance(kind, str) and kind:
-        return kind
-    prefix = name.split("-", 1)[0]
-    return prefix if prefix in KINDS else "unknown"
-
-
-FAMILIES: tuple[Family, ...] = (
-    Family("step", "gauge", "Learner steps done.", _scalar("step")),
-    Family("total_steps", "gauge", "Learner steps the job will run.", _scalar("total_steps")),
-    Family("weight_version", "gauge", "Version of the weights last pushed to the students.",
-           _scalar("weight_version")),
-    Family("rollout_tokens_per_s", "gauge", "Rollout tokens generated per second.",
-           _scalar("rollout_tokens_per_s")),
-    Family("learner_tokens_per_s", "gauge", "Tokens trained on per second.", _scalar("learner_tokens_per_s")),
-    Family("buffer_rows", "gauge", "Rows in the replay buffer, by source.", _buffer_rows),
-    Family("rows_generated", "gauge", "Rollout rows generated, by source.", _usage("generated")),
-    Family("rows_trained", "gauge", "Row uses trained on, by source.", _usage("trained")),
-    Family("loss", "gauge", "Last step's losses and training metrics, by term.", _losses),
-    Family("eval_score", "gauge", "Latest held-out evaluation score of the student.", _eval_score),
-    Family("actor_up", "gauge", "1 while the actor is alive or starting, else 0.",
-           _per_actor(lambda info: float(info.get("state") in UP_STATES))),
-    Family("actor_restarts_total", "counter", "Times the actor was restarted.",
-           _per_actor(lambda info: info.get("restarts"))),
-    Family("actor_last_seen_seconds", "gauge", "Seconds since the actor last answered.",
-           _per_actor(lambda info: info.get("last_seen_s"))),
-)
-
-
-def prometheus_text(snap: dict[str, Any], families: Iterable[Family] = FAMILIES) -> str:
-    """The snapshot as Prometheus text exposition 0.0.4.
-
-    Each family with at least one numeric sample is declared once (``# HELP``, ``# TYPE``) and
-    followed by all its samples; non-numeric and None values (and bools) are skipped.
-    """
-    lines: list[str] = []
-    for family in families:
-        name = f"ammd_{family.name}"
-        samples = [(labels, value) for labels, value in family.samples(snap)
-                   if _number(value) is not None]
-        if not samples:
-            continue
-        lines.append(f"# HELP {name} {_escape_help(family.help)}")
-        lines.append(f"# TYPE {name} {family.type}")
-        lines.extend(f"{name}{_format_labels(labels)} {_format_value(value)}" for labels, value in samples)
-    return "\n".join(lines) + "\n" if lines else ""
-
-
-def _format_labels(labels: Labels) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{key}="{_escape_label(value)}"' for key, value in labels.items()) + "}"
-
-
-def _escape_label(value: str) -> str:
-    """Backslash, double quote and newline escaped, as the exposition format requires."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _format_value(value: Any) -> str:
-    number = float(value)
-    if math.isnan(number):
-        return "NaN"
-    if math.isinf(number):
-        return "+Inf" if number > 0 else "-Inf"
-    return repr(number)
-
-
-def _number(value: Any) -> Optional[float]:
-    """``value`` as a float when it is an int or float (not a bool), else None."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
-def _mapping(value: Any) -> dict:
-    """``value`` when it is a dict, else an empty one (snapshots may lack or null any field)."""
-    return value if isinstance(value, dict) else {}
 
 
 # --- the app ------------------------------------------------------------------------------------
