@@ -10,9 +10,13 @@
                                   validate the config, models and data and print the
                                   resources the job needs; start nothing
   ammd toy [--root DIR]           build (or find cached) the tiny teacher, student and data
+  ammd status [URL] [--watch S] [--json]
+                                  a running job's step, throughput, losses, evaluation and
+                                  actors' health, read from its status endpoint
+                                  (default http://127.0.0.1:8000)
 
-User errors (usage, config, data, models, checkpoints) end in one line on stderr and exit code 2; a
-job that loses an actor it cannot replace ends in one line and exit code 1.
+User errors (usage, config, data, models, checkpoints, a status URL that does not answer) end
+in one line on stderr and exit code 2; a job that loses an actor it cannot replace ends in one line and exit code 1.
 """
 from __future__ import annotations
 
@@ -20,15 +24,17 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from cluster.checkpoint import CheckpointError
 from cluster.config import ConfigError, load_config
 from cluster.data import DataError
 from cluster.models import ModelError
+from cluster.status_view import StatusUnavailable
 from cluster.supervisor import ActorLostError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, StatusUnavailable)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="the model directory to write")
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: the checkpoint's rollout.dtype)")
+    w = sub.add_parser("status", help="show a running job's state, read from its status endpoint")
+    w.add_argument("url", nargs="?", default=None,
+                   help="the job's status URL (default http://127.0.0.1:8000; host:port works too)")
+    w.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                   help="redraw every SECONDS until the job finishes or fails (Ctrl-C stops)")
+    w.add_argument("--json", action="store_true", help="print /status as JSON instead")
     t = sub.add_parser("toy", help="build the tiny toy teacher, student and data (cached)")
     t.add_argument("--root", default="artifacts/toy")
     t.add_argument("--task", default="sort")
@@ -80,6 +92,28 @@ def _check(config: str, overrides: list[str], config_only: bool = False) -> None
                         cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
     train = load_prompts(cfg.data.train, pair.tokenizer, cfg.data.max_prompt_tokens)
     print(f"ok: {len(train)} prompts, vocab {pair.vocab_size}, loss {cfg.loss.name}")
+
+
+def _status(url: str | None, watch: float | None, as_json: bool) -> None:
+    from cluster.status_view import DEFAULT_URL, fetch, render
+
+    url = url or DEFAULT_URL
+    if watch is not None and watch <= 0:
+        raise StatusUnavailable(f"--watch {watch:g}: give a positive number of seconds, e.g. --watch 5")
+    try:
+        while True:
+            snap, health = fetch(url)
+            if as_json:
+                print(json.dumps(snap, indent=2))
+            else:
+                if watch is not None and sys.stdout.isatty():
+                    print("\033[2J\033[H", end="")  # clear the screen: a live view, not a scroll
+                print(render(snap, health), flush=True)
+            if watch is None or snap.get("state") in ("finished", "failed"):
+                return
+            time.sleep(watch)
+    except KeyboardInterrupt:  # the way out of --watch: no traceback
+        return
 
 
 def _one_line(err: BaseException) -> str:
@@ -108,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: report[k] for k in keys}, indent=2))
         elif args.command == "check":
             _check(args.config, args.overrides, args.config_only)
+        elif args.command == "status":
+            _status(args.url, args.watch, args.json)
         elif args.command == "export":
             from cluster.export import export_checkpoint
             print(export_checkpoint(args.path, args.out, args.dtype))

@@ -122,6 +122,7 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
 
     init_ray(cfg)
     status = JobStatus(cfg.name, cfg.learner.steps, actor_timeout_s=cfg.ray.actor_timeout_s)
+    status.update(metric=cfg.eval.metric)  # names the evaluation score for the page and `ammd status`
     server = _start_status(status, cfg)
     if server:
         log(f"status at {server.url}/status")
