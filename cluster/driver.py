@@ -287,10 +287,23 @@ def _train(trainer: Trainer, pump: RolloutPump, supervisor: Supervisor, evals, t
 
 
 def _publish(trainer: Trainer, pump: RolloutPump, supervisor: Supervisor) -> None:
+    """Everything /status, /metrics, the page and TensorBoard read, once per learner step."""
     # Liveness from real answers: every actor is pinged and its last answer timed.
     supervisor.probe()
     buffer = trainer.wait(trainer.actors.buffer.stats.remote(), "the replay buffer")
-    trainer.status.update(actors=supervisor.health(), step=trainer.step, weight_version=trainer.version,
+    rollout_tps, learner_tps = pump.tokens_per_s(), trainer.learner_tokens_per_s()
+    trainer.status.update(actors=_with_actor_rates(supervisor.health(), pump.actor_tokens_per_s()),
+                          step=trainer.step, weight_version=trainer.version,
                           buffer=buffer, rollout_usage=pump.usage(buffer["served_by_source"]),
-                          restarts=supervisor.restart_counts(), rollout_tokens_per_s=pump.tokens_per_s(),
-                          learner_tokens_per_s=trainer.learner_tokens_per_s())
+                          restarts=supervisor.restart_counts(), rollout_tokens_per_s=rollout_tps,
+                          learner_tokens_per_s=learner_tps, weight_pushes=trainer.weight_pushes,
+                          weight_push_seconds=trainer.weight_push_seconds, sampled_age=trainer.sampled_age)
+    trainer.status.record_throughput(trainer.step, learner_tps, rollout_tps)
+
+
+def _with_actor_rates(health: dict[str, dict], rates: dict[str, float]) -> dict[str, dict]:
+    """``health`` with ``tokens_per_s`` on every student and teacher (0.0 until its first rows)."""
+    for name, info in health.items():
+        if info.get("kind") in ("student", "teacher"):
+            info["tokens_per_s"] = rates.get(name, 0.0)
+    return health

@@ -120,6 +120,12 @@ class Request:
     def rows(self) -> int:
         return len(self.items)
 
+    @property
+    def maker(self) -> str:
+        """The actor whose rows these are: the student that samples, or the teacher that
+        samples (or scores the reference rows)."""
+        return f"{'student' if self.source == 'student' else 'teacher'}-{self.index}"
+
     def actor_names(self) -> list[str]:
         if self.source == "student":
             return [f"student-{self.index}", f"teacher-{self.scorer}"]
@@ -138,6 +144,7 @@ class RolloutPump:
     timeout_s: float = 600.0  # longest wait for one request (ray.actor_timeout_s)
     inflight: dict = field(default_factory=dict)  # ObjectRef -> Request
     tokens: int = 0
+    actor_tokens: dict = field(default_factory=dict)  # "student-0" -> response tokens of its rows
     rows: dict = field(default_factory=lambda: {"student": 0, "teacher": 0, "dataset": 0})
     started: float = field(default_factory=time.time)
     last_seen: dict = field(default_factory=dict)  # "student-0" -> time of its last finished request
@@ -214,6 +221,7 @@ class RolloutPump:
             for name in req.actor_names():
                 self.last_seen[name] = now
             self.tokens += result["tokens"]
+            self.actor_tokens[req.maker] = self.actor_tokens.get(req.maker, 0) + result["tokens"]
             self.rows[req.source] += result["rows"]
 
     def usage(self, served: dict[str, int]) -> dict[str, dict]:
@@ -224,6 +232,12 @@ class RolloutPump:
 
     def tokens_per_s(self) -> float:
         return self.tokens / max(time.time() - self.started, 1e-9)
+
+    def actor_tokens_per_s(self) -> dict[str, float]:
+        """Per rollout actor that made rows: response tokens of its rows per second since the
+        pump started (the same clock as ``tokens_per_s``; not kept across a resume)."""
+        elapsed = max(time.time() - self.started, 1e-9)
+        return {name: n / elapsed for name, n in self.actor_tokens.items()}
 
     def drain(self) -> None:
         """Wait for every in-flight request (before a checkpoint, the final push and evaluation)."""

@@ -38,6 +38,9 @@ class Trainer:
         self.train_seconds = 0.0
         self.nonfinite_in_a_row = 0
         self.max_lag = 0
+        self.sampled_age: dict[str, float] | None = None  # the last batch's on-policy rows (status)
+        self.weight_pushes = 0
+        self.weight_push_seconds: float | None = None  # the last push, as the driver waited on it
         self.evals: list[dict] = []
         self.scores: dict[str, float] = {}  # teacher and student-before scores, kept across a resume
         self.last_checkpoint: Path | None = None
@@ -120,24 +123,34 @@ class Trainer:
         return True
 
     def _note_lag(self, table) -> None:
-        """Track how many weight versions the oldest on-policy row of a batch lags behind."""
-        versions = [v for v, s in zip(table.column("policy_version").to_pylist(),
-                                      table.column("source").to_pylist()) if s == "student"]
-        if versions:
-            self.max_lag = max(self.max_lag, self.version - min(versions))
+        """Track how many weight versions the batch's on-policy rows lag behind: the job's
+        worst (``max_lag``, for the report) and this batch's mean and max (``sampled_age``,
+        None when the batch has no on-policy row)."""
+        ages = [self.version - v for v, s in zip(table.column("policy_version").to_pylist(),
+                                                 table.column("source").to_pylist()) if s == "student"]
+        self.sampled_age = {"mean": sum(ages) / len(ages), "max": max(ages)} if ages else None
+        if ages:
+            self.max_lag = max(self.max_lag, max(ages))
 
     def push_weights(self, version: int | None = None) -> None:
         """Send the learner's current weights to every student as ``version`` (default: the next).
 
-        object_store: rank 0 packs the buckets (all ranks enter, for ZeRO-3) and the students'
-        loads are queued; a student actor runs its calls in order, so anything asked of it after
-        this sees the new weights. collective: rank 0 broadcasts on the side-band group while the
+        object_store: rank 0 packs the buckets (all ranks enter, for ZeRO-3), this waits until
+        they are stored, and the students' loads are queued; a student actor runs its calls in
+        order, so anything asked of it after this sees the new weights. collective: rank 0 broadcasts on the side-band group while the
         students receive, and this returns when both are done (within ray.actor_timeout_s); if
         the side band fails, the group is dropped and this push goes through the object store.
+        Sets ``weight_push_seconds`` (this call's wall time) and counts ``weight_pushes``.
         """
         version = self.version + 1 if version is None else version
+        t0 = time.perf_counter()
         if self.cfg.learner.weight_transport != "collective" or not self._push_collective(version):
             self._push_object_store(version, self.actors.students)
+            # Until rank 0's buckets are stored (not fetched here): the learner's side of the
+            # push, which its next step waits behind anyway; the students load it in the background.
+            ray.wait([self.payload], timeout=self.cfg.ray.actor_timeout_s, fetch_local=False)
+        self.weight_push_seconds = time.perf_counter() - t0
+        self.weight_pushes += 1
         self.version, self.pushed_at = version, self.step
 
     def _push_object_store(self, version: int, students: list) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, Optional
 
 UP_STATES = frozenset({"alive", "starting"})  # ammd_actor_up is 1 for these
 KINDS = ("student", "teacher", "learner", "buffer")
+JOB_STATES = ("starting", "evaluating", "training", "finished", "failed")
+PREFIX = "ammd_"
 
 # --- Prometheus text exposition 0.0.4 -----------------------------------------------------------
 
@@ -39,9 +41,9 @@ def _scalar(key: str) -> Callable[[dict[str, Any]], Iterable[Sample]]:
     return lambda snap: [({}, snap.get(key))]
 
 
-def _buffer_rows(snap: dict[str, Any]) -> Iterable[Sample]:
-    rows = mapping(mapping(snap.get("buffer")).get("rows_by_source"))
-    return [({"source": str(source)}, n) for source, n in rows.items()]
+def _by_label(label: str, read: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Iterable[Sample]]:
+    """One sample per key of the mapping ``read(snap)``, the key as ``label``."""
+    return lambda snap: [({label: str(key)}, value) for key, value in mapping(read(snap)).items()]
 
 
 def _usage(field: str) -> Callable[[dict[str, Any]], Iterable[Sample]]:
@@ -51,8 +53,14 @@ def _usage(field: str) -> Callable[[dict[str, Any]], Iterable[Sample]]:
     return samples
 
 
-def _losses(snap: dict[str, Any]) -> Iterable[Sample]:
-    return [({"term": str(term)}, value) for term, value in mapping(snap.get("losses")).items()]
+def _job_state(snap: dict[str, Any]) -> Iterable[Sample]:
+    """The enum pattern: one sample per known state, 1 for the current one (an unknown current
+    state is added), so ``ammd_job_state{state="failed"} == 1`` can be alerted on."""
+    state = snap.get("state")
+    if not isinstance(state, str):
+        return []
+    states = JOB_STATES if state in JOB_STATES else (*JOB_STATES, state)
+    return [({"state": s}, float(s == state)) for s in states]
 
 
 def _eval_score(snap: dict[str, Any]) -> Iterable[Sample]:
@@ -78,19 +86,44 @@ def actor_kind(name: str, info: dict[str, Any]) -> str:
     return prefix if prefix in KINDS else "unknown"
 
 
+def _field(*path: str) -> Callable[[dict[str, Any]], Any]:
+    """``snap[path[0]][path[1]]...``, None where a level is missing or not a dict."""
+    def read(snap: dict[str, Any]) -> Any:
+        value: Any = snap
+        for key in path:
+            value = mapping(value).get(key)
+        return value
+    return read
+
+
 FAMILIES: tuple[Family, ...] = (
+    Family("job_state", "gauge", "1 for the job's current state (starting, evaluating, training, "
+           "finished, failed), 0 for the others.", _job_state),
     Family("step", "gauge", "Learner steps done.", _scalar("step")),
     Family("total_steps", "gauge", "Learner steps the job will run.", _scalar("total_steps")),
     Family("weight_version", "gauge", "Version of the weights last pushed to the students.",
            _scalar("weight_version")),
-    Family("rollout_tokens_per_s", "gauge", "Rollout tokens generated per second.",
+    Family("weight_pushes_total", "counter", "Weight pushes from the learner to the students.",
+           _scalar("weight_pushes")),
+    Family("weight_push_seconds", "gauge", "Wall seconds of the last weight push, as the driver "
+           "waited on it (the learner's export; with the collective transport, until every student "
+           "received it).", _scalar("weight_push_seconds")),
+    Family("learner_tokens_per_second", "gauge", "Tokens trained on per second of learner steps.",
+           _scalar("learner_tokens_per_s")),
+    Family("rollout_tokens_per_second", "gauge", "Rollout tokens made per second, all actors together.",
            _scalar("rollout_tokens_per_s")),
-    Family("learner_tokens_per_s", "gauge", "Tokens trained on per second.", _scalar("learner_tokens_per_s")),
-    Family("buffer_rows", "gauge", "Rows in the replay buffer, by source.", _buffer_rows),
-    Family("rows_generated", "gauge", "Rollout rows generated, by source.", _usage("generated")),
-    Family("rows_trained", "gauge", "Row uses trained on, by source.", _usage("trained")),
-    Family("loss", "gauge", "Last step's losses and training metrics, by term.", _losses),
+    Family("rollout_actor_tokens_per_second", "gauge", "Rollout tokens made per second by each "
+           "rollout actor (its requests' rows, since the job's rollouts started).",
+           _per_actor(lambda info: info.get("tokens_per_s"))),
+    Family("loss", "gauge", "Last step's losses and training metrics, by term (with AMM: d_on, "
+           "d_off, adversary_loss).", _by_label("term", _field("losses"))),
     Family("eval_score", "gauge", "Latest held-out evaluation score of the student.", _eval_score),
+    Family("buffer_rows", "gauge", "Rows in the replay buffer, by source.",
+           _by_label("source", _field("buffer", "rows_by_source"))),
+    Family("rows_generated_total", "counter", "Rollout rows generated, by source.", _usage("generated")),
+    Family("rows_trained_total", "counter", "Row uses trained on, by source.", _usage("trained")),
+    Family("sampled_row_age_versions", "gauge", "Age in weight versions of the on-policy rows of "
+           "the last sampled batch (stat: mean, max).", _by_label("stat", _field("sampled_age"))),
     Family("actor_up", "gauge", "1 while the actor is alive or starting, else 0.",
            _per_actor(lambda info: float(info.get("state") in UP_STATES))),
     Family("actor_restarts_total", "counter", "Times the actor was restarted.",
@@ -100,7 +133,9 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
-PREFIX = "ammd_"
+def metric_names(families: Iterable[Family] = FAMILIES) -> set[str]:
+    """Every name a sample of ``families`` can carry (with the prefix), for checking queries."""
+    return {PREFIX + family.name for family in families}
 
 
 def family_samples(family: Family, snap: dict[str, Any]) -> list[tuple[Labels, float]]:

@@ -21,7 +21,12 @@ What the driver sets (all through ``JobStatus.update``):
   last_seen_s): a missing kind is read from the name's prefix ("student-0" -> "student");
 - ``step``, ``weight_version``, ``buffer`` (``rows_by_source``), ``rollout_usage``
   (``{source: {"generated", "trained"}}``), ``rollout_tokens_per_s``, ``learner_tokens_per_s``,
-  ``evals`` (``[{"step", "weight_version", "score"}]``); ``record_loss`` sets ``losses``.
+  ``evals`` (``[{"step", "weight_version", "score"}]``); ``record_loss`` sets ``losses``;
+- also (absent until first measured; readers must tolerate that): ``actors[name]["tokens_per_s"]``
+  for each rollout actor, ``weight_push_seconds`` (the last push) and ``weight_pushes``,
+  ``sampled_age`` (``{"mean", "max"}``: weight versions the on-policy rows of the last sampled
+  batch lag behind), and ``throughput`` (``record_throughput``: ``[{"step", "t",
+  "learner_tokens_per_s", "rollout_tokens_per_s"}]``, ``t`` seconds since the job started).
 """
 from __future__ import annotations
 
@@ -87,6 +92,16 @@ class JobStatus:
             history = self._state["history"]
             history.append({"step": step, **losses})
             del history[:-keep]
+
+    def record_throughput(self, step: int, learner_tokens_per_s: float, rollout_tokens_per_s: float,
+                          keep: int = 2000) -> None:
+        """Append one point to ``throughput`` (the last ``keep``), timed from ``started_at``."""
+        with self._lock:
+            series = self._state.setdefault("throughput", [])
+            series.append({"step": step, "t": time.time() - self._state["started_at"],
+                           "learner_tokens_per_s": learner_tokens_per_s,
+                           "rollout_tokens_per_s": rollout_tokens_per_s})
+            del series[:-keep]
 
     def snapshot(self) -> dict[str, Any]:
         """A deep copy of the state, safe to read without the lock."""

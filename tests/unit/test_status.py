@@ -50,17 +50,19 @@ def test_prometheus_text_declares_each_family_once_with_its_samples():
     helps, types = declared(text, "HELP"), declared(text, "TYPE")
     assert len(helps) == len(set(helps)) and helps == types
     m = parse(text)
-    for family in ("ammd_step", "ammd_total_steps", "ammd_weight_version", "ammd_rollout_tokens_per_s",
-                   "ammd_learner_tokens_per_s", "ammd_buffer_rows", "ammd_rows_generated", "ammd_rows_trained",
-                   "ammd_loss", "ammd_eval_score", "ammd_actor_up", "ammd_actor_last_seen_seconds"):
+    for family in ("ammd_step", "ammd_total_steps", "ammd_weight_version", "ammd_rollout_tokens_per_second",
+                   "ammd_learner_tokens_per_second", "ammd_buffer_rows", "ammd_loss", "ammd_eval_score",
+                   "ammd_actor_up", "ammd_actor_last_seen_seconds"):
         assert m[family]["type"] == "gauge", family
     assert m["ammd_step"]["samples"] == {("ammd_step", ()): 7.0}
-    assert m["ammd_rollout_tokens_per_s"]["samples"] == {("ammd_rollout_tokens_per_s", ()): 1234.5}
+    assert m["ammd_rollout_tokens_per_second"]["samples"] == {("ammd_rollout_tokens_per_second", ()): 1234.5}
     assert m["ammd_buffer_rows"]["samples"] == {
         ("ammd_buffer_rows", (("source", s),)): v for s, v in (("student", 5), ("teacher", 7), ("dataset", 0))}
-    assert m["ammd_rows_generated"]["samples"] == {("ammd_rows_generated", (("source", "student"),)): 40,
-                                                   ("ammd_rows_generated", (("source", "teacher"),)): 8}
-    assert m["ammd_rows_trained"]["samples"][("ammd_rows_trained", (("source", "student"),))] == 36
+    # Counters: the parser files the _total samples under the family without the suffix.
+    assert m["ammd_rows_generated"]["type"] == "counter"
+    assert m["ammd_rows_generated"]["samples"] == {("ammd_rows_generated_total", (("source", "student"),)): 40,
+                                                   ("ammd_rows_generated_total", (("source", "teacher"),)): 8}
+    assert m["ammd_rows_trained"]["samples"][("ammd_rows_trained_total", (("source", "student"),))] == 36
     assert m["ammd_eval_score"]["samples"] == {("ammd_eval_score", ()): 0.6}
 
 
