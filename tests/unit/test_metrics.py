@@ -4,9 +4,13 @@ Hand-built snapshots (an AMM job with several rollout actors, one of them dead; 
 fields) stand in for the driver's; the text is parsed by ``prometheus_client.parser``, the
 reference reader, not by string matching.
 """
+import json
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.metrics import FAMILIES, PREFIX, metric_names, prometheus_text, samples
@@ -165,3 +169,63 @@ def test_sampled_age_of_a_batch():
     assert trainer.sampled_age == {"mean": 1.0, "max": 2} and trainer.max_lag == 2
     trainer._note_lag(rows_to_batch([make_row(4, "teacher", version=0)]))
     assert trainer.sampled_age is None and trainer.max_lag == 2
+
+
+# --- docker/: Prometheus and Grafana read these families -----------------------------------------
+
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def dashboard_queries() -> list[str]:
+    dash = json.loads((DOCKER / "grafana" / "dashboards" / "ammd.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def test_the_dashboard_charts_every_family_and_names_no_other_metric():
+    # The dashboard cannot drift from the code: a renamed family fails here, not in a blank panel.
+    used = {name for expr in dashboard_queries() for name in re.findall(r"\bammd_[A-Za-z0-9_]+", expr)}
+    assert used <= metric_names(), sorted(used - metric_names())
+    assert metric_names() <= used, f"families without a panel: {sorted(metric_names() - used)}"
+
+
+def test_the_dashboard_uses_the_provisioned_prometheus():
+    dash = json.loads((DOCKER / "grafana" / "dashboards" / "ammd.json").read_text())
+    (source,) = load_yaml(DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
+    uids = {p["datasource"]["uid"] for p in dash["panels"]} | {
+        t["datasource"]["uid"] for p in dash["panels"] for t in p["targets"]}
+    assert uids == {source["uid"]} and source["type"] == "prometheus"
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    provider = load_yaml(DOCKER / "grafana" / "provisioning" / "dashboards" / "ammd.yml")["providers"][0]
+    compose = load_yaml(DOCKER / "docker-compose.yml")["services"]
+    # The provider's folder is where compose mounts grafana/dashboards, and the datasource
+    # reaches the prometheus service on the port it listens on.
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in compose["grafana"]["volumes"]
+    assert source["url"] == "http://prometheus:9090"
+    assert any(port.endswith(":9090") for port in compose["prometheus"]["ports"])
+
+
+def test_prometheus_scrapes_the_jobs_status_port():
+    from services.status import ENDPOINTS
+
+    config = load_yaml(DOCKER / "prometheus" / "prometheus.yml")
+    (scrape,) = config["scrape_configs"]
+    assert scrape["metrics_path"] in ENDPOINTS
+    job = load_yaml(DOCKER / "docker-compose.yml")["services"]["job"]
+    port = next(arg.split("=", 1)[1] for arg in job["command"] if arg.startswith("status.port="))
+    assert scrape["static_configs"] == [{"targets": [f"job:{port}"]}]
+
+
+def test_monitoring_services_start_only_with_their_profile():
+    services = load_yaml(DOCKER / "docker-compose.yml")["services"]
+    assert {name for name, s in services.items() if "monitoring" in s.get("profiles", [])} == {"prometheus", "grafana"}
+    assert "profiles" not in services["job"] and "profiles" not in services["probe"]
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source = volume.split(":", 1)[0]
+            assert (DOCKER / source).exists(), f"{name} mounts {source}, which is not in docker/"
