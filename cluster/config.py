@@ -199,6 +199,16 @@ class StatusConfig(_Strict):
     port: int = Field(8000, ge=0, le=65535, description="0 = any free port")
 
 
+class TrackingConfig(_Strict):
+    """Where the job's curves go besides /status: TensorBoard event files in
+    ``<output_dir>/<name>/tb`` and, when a project is named, Weights & Biases (cluster.tracking)."""
+
+    tensorboard: bool = Field(True, description="write TensorBoard event files to <output_dir>/<name>/tb")
+    wandb_project: Optional[str] = Field(
+        None, min_length=1, description="W&B project to log to (None = the WANDB_PROJECT variable, "
+                                        "else no W&B); needs `pip install wandb`")
+
+
 class RayConfig(_Strict):
     address: Optional[str] = Field(None, description="None = embedded ray.init; 'auto' or ray://... = connect")
     num_cpus: Optional[int] = Field(None, ge=1, description="for the embedded cluster only")
@@ -218,6 +228,7 @@ class JobConfig(_Strict):
     learner: LearnerConfig = LearnerConfig()
     loss: LossConfig = LossConfig()
     status: StatusConfig = StatusConfig()
+    tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

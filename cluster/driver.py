@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import ray
 
-from cluster import checkpoint
+from cluster import checkpoint, logs, tracking
 from cluster.actors import Actors, Rollouts, placement, rollout_factory, start_actors, stop_actors
 from cluster.config import ConfigError, JobConfig
 from cluster.data import DataError, load_prompts, reference_rows
@@ -39,8 +39,7 @@ from services.replay_buffer import copy_snapshot, spill_owner
 from services.status import JobStatus, StatusServer
 
 
-def log(msg: str) -> None:
-    print(f"[ammd {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logs.info  # one line on the ``ammd`` logger (cluster.logs)
 
 
 def resolve_inputs(cfg: JobConfig) -> JobConfig:
@@ -51,7 +50,7 @@ def resolve_inputs(cfg: JobConfig) -> JobConfig:
     from tasks.base import get_task
 
     log(f"building the toy world (task {cfg.models.toy_task}) under {cfg.models.toy_root} (cached)")
-    world = build_toy_world(Path(cfg.models.toy_root), task=cfg.models.toy_task, seed=cfg.seed)
+    world = build_toy_world(Path(cfg.models.toy_root), task=cfg.models.toy_task, seed=cfg.seed, log=log)
     cfg = cfg.model_copy(deep=True)
     cfg.models.teacher, cfg.models.student = str(world.teacher_dir), str(world.student_dir)
     cfg.data.train = cfg.data.train or str(world.train_path)
@@ -119,6 +118,7 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
         log(f"starting {cfg.name} over: the checkpoints of its earlier run are kept in {moved} "
             f"(ammd run ... --resume continues a run instead)")
     spill_dir = _prepare_spill(cfg, run_dir, resume_from)
+    tracking.check(cfg)  # W&B asked for but not installed fails here, before Ray starts
 
     init_ray(cfg)
     status = JobStatus(cfg.name, cfg.learner.steps, actor_timeout_s=cfg.ray.actor_timeout_s)
@@ -126,8 +126,9 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
     server = _start_status(status, cfg)
     if server:
         log(f"status at {server.url}/status")
-    actors = None
+    actors, trackers = None, None
     try:
+        trackers = tracking.start(cfg, run_dir, saved["trainer"]["step"] if saved is not None else None)
         log("starting actors (buffer, rollout engines, learner group)")
         actors = start_actors(cfg, pair, rollouts, spill_dir)
         where = placement(actors, cfg.ray.actor_timeout_s)
@@ -152,7 +153,7 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
                               "before": _score(trainer, supervisor, evals, pair.tokenizer)["score"]}
         log(f"before training: teacher {trainer.scores['teacher']:.3f}, student {trainer.scores['before']:.3f}")
         _train(trainer, pump, supervisor, evals, pair.tokenizer, {"config": cfg.model_dump(),
-                                                                 "fingerprints": fingerprints})
+                                                                 "fingerprints": fingerprints}, trackers)
         after = _score(trainer, supervisor, evals, pair.tokenizer)
         log(f"after training: student {after['score']:.3f} (was {trainer.scores['before']:.3f}, "
             f"teacher {trainer.scores['teacher']:.3f})")
@@ -167,6 +168,8 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
         status.update(state="failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
+        if trackers is not None:
+            trackers.close()
         if actors is not None:
             stop_actors(actors)
         if server:
@@ -255,35 +258,52 @@ def _checkpoint(trainer: Trainer, pump: RolloutPump, extra: dict) -> None:
     trainer.save(pump.state(), extra)
 
 
-def _train(trainer: Trainer, pump: RolloutPump, supervisor: Supervisor, evals, tokenizer, extra: dict) -> None:
+def _train(trainer: Trainer, pump: RolloutPump, supervisor: Supervisor, evals, tokenizer, extra: dict,
+           trackers: tracking.Trackers) -> None:
     cfg, status = trainer.cfg, trainer.status
     status.update(state="training")
-    log_every = max(1, cfg.learner.steps // 20)
     save_every = cfg.learner.save_every
-    while trainer.step < cfg.learner.steps:
-        pump.top_up(trainer.demand())
-        # No poll between top_up and wait_one: a request collected there (e.g. one that landed
-        # stale just after a push) would leave wait_one nothing to wait for.
-        if not trainer.try_step():
-            pump.wait_one()
-            continue
-        pump.poll()
-        if trainer.step % cfg.learner.sync_every == 0:
-            trainer.push_weights()
-        if cfg.eval.every and trainer.step % cfg.eval.every == 0:
-            _evaluate_during(trainer, supervisor, evals, tokenizer)
-        if save_every and (trainer.step % save_every == 0 or trainer.step == cfg.learner.steps):
-            _checkpoint(trainer, pump, extra)  # after the evaluation, so it holds that score
-        _publish(trainer, pump, supervisor)
-        if trainer.step % log_every == 0 or trainer.step == cfg.learner.steps:
-            last = trainer.history[-1] if trainer.history else {}
-            log(f"step {trainer.step}/{cfg.learner.steps} loss {last.get('loss', float('nan')):.4f} "
-                f"version {trainer.version} rollout {pump.tokens_per_s():.0f} tok/s "
-                f"learner {trainer.learner_tokens_per_s():.0f} tok/s lr {last.get('lr', float('nan')):.2e} "
-                f"rows made {pump.rows}")
+    shown = logs.progress(cfg.learner.steps, start=trainer.step)
+    logged = len(trainer.history)  # records already tracked (a resumed job's earlier steps)
+    try:
+        while trainer.step < cfg.learner.steps:
+            pump.top_up(trainer.demand())
+            # No poll between top_up and wait_one: a request collected there (e.g. one that landed
+            # stale just after a push) would leave wait_one nothing to wait for.
+            if not trainer.try_step():
+                pump.wait_one()
+                continue
+            pump.poll()
+            if trainer.step % cfg.learner.sync_every == 0:
+                trainer.push_weights()
+            if cfg.eval.every and trainer.step % cfg.eval.every == 0:
+                _evaluate_during(trainer, supervisor, evals, tokenizer)
+            if save_every and (trainer.step % save_every == 0 or trainer.step == cfg.learner.steps):
+                _checkpoint(trainer, pump, extra)  # after the evaluation, so it holds that score
+            _publish(trainer, pump, supervisor)
+            logged = _watch(trainer, pump, trackers, shown, logged)
+    finally:
+        shown.close()
     pump.drain()
     if trainer.pushed_at != trainer.step:  # the final evaluation and export see the last step
         trainer.push_weights()
+
+
+def _watch(trainer: Trainer, pump: RolloutPump, trackers: tracking.Trackers, shown: logs.Progress,
+           logged: int) -> int:
+    """Hand the steps recorded since ``logged`` (exactly report.json's history records) and the
+    snapshot just published (what /metrics serves) to the trackers, and show progress.
+    Returns the new count of tracked records."""
+    new = trainer.history[logged:]
+    for record in new:
+        trackers.log_step(record)
+    if new:  # a skipped (non-finite) step changes nothing worth a second point at this step
+        trackers.log_snapshot(trainer.step, trainer.status.snapshot())
+    last = trainer.history[-1] if trainer.history else {}
+    shown.update(trainer.step, {"loss": last.get("loss", float("nan")), "lr": last.get("lr", float("nan")),
+                                "version": trainer.version, "rollout_tps": pump.tokens_per_s(),
+                                "learner_tps": trainer.learner_tokens_per_s(), "rows": pump.rows})
+    return len(trainer.history)
 
 
 def _publish(trainer: Trainer, pump: RolloutPump, supervisor: Supervisor) -> None:

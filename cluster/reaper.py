@@ -19,6 +19,7 @@ unique per cluster (start time and driver pid), so other sessions and non-Ray pr
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import signal
 import subprocess
@@ -103,9 +104,13 @@ def main(driver_pid: int, session_dir: str) -> None:
     while os.getppid() == driver_pid:  # reparented once the driver is gone (no pid-reuse race)
         time.sleep(POLL_S)
     killed = reap(os.path.realpath(session_dir))
-    print(f"[ammd reaper {time.strftime('%H:%M:%S')}] driver {driver_pid} gone; "
-          f"killed {len(killed)} process(es) of {session_dir}: {sorted(killed)}", flush=True)
+    logging.getLogger("ammd.reaper").info(f"driver {driver_pid} gone; killed {len(killed)} "
+                                          f"process(es) of {session_dir}: {sorted(killed)}")
 
 
 if __name__ == "__main__":
+    # Its own process (run as a file, stdout into the session's ammd_reaper.log): the ammd
+    # log format, set up with the standard library alone.
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="[ammd reaper %(asctime)s] %(message)s",
+                        datefmt="%H:%M:%S")
     main(int(sys.argv[1]), sys.argv[2])

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import ray
 
+from cluster import logs
+
 
 class ActorLostError(RuntimeError):
     """An actor died or stopped answering and the job cannot go on without it."""
@@ -34,7 +36,7 @@ class Supervisor:
     max_restarts: int = 3
     window_s: float = 3600.0
     timeout_s: float = 600.0
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = logs.info
     how_to_resume: Callable[[], str] = lambda: ""  # appended to a failure (Trainer.how_to_resume)
     restarts: dict = field(default_factory=dict)    # name -> deque of restart times in the window
     total: dict = field(default_factory=dict)       # name -> restarts over the whole job

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import ray
 
-from cluster import checkpoint
+from cluster import checkpoint, logs
 from cluster.actors import Actors
 from cluster.config import JobConfig
 from cluster.rollouts import Demand
@@ -25,7 +25,7 @@ MAX_NONFINITE_STEPS = 3
 
 class Trainer:
     def __init__(self, cfg: JobConfig, actors: Actors, status: JobStatus, run_dir: Path,
-                 resume_hint: str = "ammd run CONFIG --resume", log: Callable[[str], None] = print):
+                 resume_hint: str = "ammd run CONFIG --resume", log: Callable[[str], None] = logs.info):
         self.cfg, self.actors, self.status, self.run_dir = cfg, actors, status, run_dir
         self.resume_hint, self.log = resume_hint, log
         self.version = 0
