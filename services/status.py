@@ -7,7 +7,10 @@ The driver owns a ``JobStatus`` and updates it; the app only reads snapshots of 
 - ``/status``: JSON (step, weight version, buffer rows by source, tokens/s, the last losses and
   their history (with AMM: D_on, D_off, adversary loss), actors' health);
 - ``/metrics``: Prometheus text exposition 0.0.4 (see ``services.metrics.FAMILIES``);
-- ``/``: a small page that polls ``/status`` and plots the loss;
+- ``/``: the live page (``services.page``): polls ``/status`` and draws progress, the loss terms,
+  lr and grad norm, the evaluation score, throughput and the actors' health;
+- ``/static/<file>``: the files that page loads (``services.page.STATIC_FILES``, Chart.js
+  among them), served here so that the page works offline;
 - any other path: 404 ``{"error": "no such endpoint /x", "endpoints": [...]}``; another method
   than GET: 405 ``{"error": ..., "allowed": ["GET"]}``.
 
@@ -38,25 +41,10 @@ from typing import Any, Optional
 # The Prometheus side lives in services.metrics; re-exported here for existing importers.
 from services.metrics import (CONTENT_TYPE, FAMILIES, KINDS, UP_STATES, Family, actor_kind,  # noqa: F401
                               mapping, number, prometheus_text, samples)
+from services.page import STATIC_FILES, page_html, static_file
 
-_PAGE = """<!doctype html><html><head><title>ammd</title><meta charset="utf-8">
-<style>body{font:14px sans-serif;margin:2em}pre{background:#f4f4f4;padding:1em}</style></head>
-<body><h1>ammd job <span id="name"></span></h1><p id="state"></p>
-<canvas id="plot" width="640" height="240" style="border:1px solid #ccc"></canvas>
-<pre id="raw"></pre><script>
-async function tick(){const s=await (await fetch('status')).json();
-document.getElementById('name').textContent=s.name;
-document.getElementById('state').textContent=`${s.state}: step ${s.step}/${s.total_steps}, weight version ${s.weight_version}`;
-document.getElementById('raw').textContent=JSON.stringify(s,null,2);
-const c=document.getElementById('plot').getContext('2d'),h=s.history;c.clearRect(0,0,640,240);
-const keys=['loss','d_on','d_off','adversary_loss'].filter(k=>h.some(p=>k in p)),col=['#000','#c00','#06c','#090'];
-keys.forEach((k,j)=>{const pts=h.filter(p=>k in p);if(pts.length<2)return;const ys=pts.map(p=>p[k]),
-lo=Math.min(...ys),hi=Math.max(...ys);c.strokeStyle=col[j];c.fillText(k,8,14+12*j);c.beginPath();
-pts.forEach((p,i)=>{const x=i*640/(pts.length-1),y=230-(p[k]-lo)/(hi-lo||1)*200;i?c.lineTo(x,y):c.moveTo(x,y)});c.stroke();});}
-tick();setInterval(tick,2000);</script></body></html>"""
-
-
-ENDPOINTS = ("/", "/healthz", "/status", "/metrics")  # named in the 404 answer
+# Named in the 404 answer: every path the app serves.
+ENDPOINTS = ("/", "/healthz", "/status", "/metrics", *(f"/static/{name}" for name in STATIC_FILES))
 OK_STATES = frozenset({"alive", "starting", "restarting"})  # an actor in any other state is a problem
 
 
@@ -204,7 +192,15 @@ def make_app(status: JobStatus):
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
-        return _PAGE
+        return page_html()
+
+    @app.get("/static/{name}")
+    def static(name: str) -> Response:
+        found = static_file(name)
+        if found is None:  # only the listed files: the 404 handler names what exists
+            raise HTTPException(status_code=404)
+        content, media_type = found
+        return Response(content, media_type=media_type)
 
     return app
 

@@ -391,7 +391,9 @@ def api():
 def test_api_unknown_path(api):
     answer = api.get("/x")
     assert answer.status_code == 404
-    assert answer.json() == {"error": "no such endpoint /x", "endpoints": ["/", "/healthz", "/status", "/metrics"]}
+    assert answer.json() == {"error": "no such endpoint /x", "endpoints": [
+        "/", "/healthz", "/status", "/metrics", "/static/chart.min.js", "/static/page.js", "/static/page.css",
+        "/static/chart.js-LICENSE.txt"]}
 
 
 def test_api_wrong_method(api):
