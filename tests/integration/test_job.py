@@ -31,6 +31,33 @@ def get_json(url: str):
         return None
 
 
+def get_text(url: str):
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
+def check_metrics(text: str, staleness: int, loss: str) -> None:
+    """/metrics of the running job, read with prometheus_client's parser: each family once, the
+    measurements only a real job makes (rollout actors' tokens/s, weight pushes, sampled row
+    age) present and plausible."""
+    from tests.unit.test_metrics import parse, values
+
+    m = parse(text)
+    rates = values(m, "ammd_rollout_actor_tokens_per_second", "actor")
+    assert rates["student-0"] > 0 and rates["teacher-0"] > 0, rates
+    assert m["ammd_weight_pushes"]["samples"][("ammd_weight_pushes_total", ())] >= 2  # version 0, then 1
+    assert m["ammd_weight_push_seconds"]["samples"][("ammd_weight_push_seconds", ())] > 0
+    age = values(m, "ammd_sampled_row_age_versions", "stat")
+    assert 0 <= age["mean"] <= age["max"] <= staleness, age
+    states = values(m, "ammd_job_state", "state")  # read while training, or just as it finished
+    assert sum(states.values()) == 1.0 and states["training"] + states["finished"] == 1.0, states
+    terms = set(values(m, "ammd_loss", "term"))
+    assert {"loss", "lr", "grad_norm"} <= terms and (loss != "amm" or {"d_on", "d_off", "adversary_loss"} <= terms)
+
+
 @pytest.mark.parametrize("staleness,loss", [(0, "forward_kl"), (1, "amm")])
 def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness, loss):
     port = free_port()
@@ -43,13 +70,15 @@ def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness, loss
     env = {**os.environ}
     log = (tmp_path / "job.log").open("w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    seen, killed, before_kill = None, None, None
+    seen, killed, before_kill, metrics = None, None, None, None
     deadline = time.time() + 420
     while proc.poll() is None and time.time() < deadline:
         snap = get_json(f"http://127.0.0.1:{port}/status")
         if snap and snap["step"] >= 1 and seen is None:
             seen = snap
             assert get_json(f"http://127.0.0.1:{port}/healthz")["status"] == "ok"
+        if snap and snap["step"] >= 5 and snap["state"] == "training":  # after the push of step 4
+            metrics = get_text(f"http://127.0.0.1:{port}/metrics") or metrics
         pid = snap and snap["actors"].get("student-0", {}).get("pid")
         if loss == "amm" and killed is None and snap and snap["step"] >= 3 and pid:
             before_kill = snap["buffer"]["appended_by_source"]
@@ -61,6 +90,8 @@ def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness, loss
     text = (tmp_path / "job.log").read_text()
     assert proc.wait() == 0, text[-3000:]
     assert seen is not None, "the status endpoint never showed a training step"
+    assert metrics is not None, "/metrics was never read after the first push"
+    check_metrics(metrics, staleness, loss)
     for key in ("step", "weight_version", "buffer", "rollout_tokens_per_s", "learner_tokens_per_s",
                 "losses", "actors"):
         assert key in seen, key
