@@ -128,7 +128,7 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
         log(f"status at {server.url}/status")
     actors, trackers = None, None
     try:
-        trackers = tracking.start(cfg, run_dir, saved["trainer"]["step"] if saved is not None else None)
+        trackers = tracking.start(cfg, run_dir, saved["trainer"]["history"] if saved is not None else None)
         log("starting actors (buffer, rollout engines, learner group)")
         actors = start_actors(cfg, pair, rollouts, spill_dir)
         where = placement(actors, cfg.ray.actor_timeout_s)

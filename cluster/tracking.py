@@ -9,7 +9,7 @@ Two calls feed every tracker, so each holds exactly what the job reports:
   e.g. ``ammd_buffer_rows/source=student``.
 TensorBoard stores each value as a double, so its scalars equal the report's to the last bit.
 
-``start(cfg, run_dir, resume_step)`` builds the trackers the config asks for. A tracker that
+``start(cfg, run_dir, resumed)`` builds the trackers the config asks for. A tracker that
 fails while the job runs (a full disk, W&B's server) is logged once and dropped: watching a job
 must not end it.
 """
@@ -65,20 +65,26 @@ class TensorBoardTracker:
         self.log_dir = log_dir
         self.writer = SummaryWriter(str(log_dir), flush_secs=FLUSH_SECS)
 
-    def carry_over(self, old_dir: Path, upto: int) -> int:
-        """Copy the summaries of steps <= ``upto`` from ``old_dir``'s event files, as they were
-        written (values and wall times); returns how many events. A resumed job starts a fresh
-        directory this way instead of relying on TensorBoard's purge of orphaned steps, which
-        only some of its readers apply: no reader then sees a step twice."""
+    def resume(self, history: list[dict[str, float]], old_dir: Optional[Path]) -> None:
+        """Start a resumed job's fresh directory with the steps its checkpoint holds: the
+        checkpoint's ``history`` (complete, whatever the killed run had flushed) and, from
+        ``old_dir``'s event files, the other summaries of those steps as they were written
+        (values and wall times; a record cut short by the kill ends the copy). A fresh directory
+        rather than TensorBoard's purge of orphaned steps, which only some of its readers
+        apply: no reader sees a step twice."""
         from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-        copied = 0
-        for path in sorted(old_dir.glob("events.out.tfevents.*")):  # named by creation time
+        for record in history:
+            self.log_step(record)
+        upto = int(history[-1]["step"]) if history else 0
+        for path in sorted(old_dir.glob("events.out.tfevents.*")) if old_dir else []:  # by creation time
             for event in EventFileLoader(str(path)).Load():
                 if event.HasField("summary") and event.step <= upto:
-                    self.writer.file_writer.add_event(event, walltime=event.wall_time)  # not now()
-                    copied += 1
-        return copied
+                    kept = [v for v in event.summary.value if not v.tag.startswith("train/")]
+                    if kept:
+                        del event.summary.value[:]
+                        event.summary.value.extend(kept)
+                        self.writer.file_writer.add_event(event, walltime=event.wall_time)  # not now()
 
     def _scalars(self, step: int, scalars: dict[str, float]) -> None:
         for tag, value in scalars.items():
@@ -166,9 +172,9 @@ def check(cfg: JobConfig) -> None:
                           f"({err}): pip install wandb, or unset it") from None
 
 
-def start(cfg: JobConfig, run_dir: Path, resume_step: Optional[int] = None) -> Trackers:
-    """The trackers ``cfg.tracking`` asks for; ``resume_step``: the step a resumed job
-    continues from (None for a new job). Logs one line saying where each one writes."""
+def start(cfg: JobConfig, run_dir: Path, resumed: Optional[list[dict[str, float]]] = None) -> Trackers:
+    """The trackers ``cfg.tracking`` asks for; ``resumed``: a resumed job's history as its
+    checkpoint holds it (None for a new job). Logs one line saying where each one writes."""
     check(cfg)
     trackers: dict[str, Tracker] = {}
     said = []
@@ -176,14 +182,17 @@ def start(cfg: JobConfig, run_dir: Path, resume_step: Optional[int] = None) -> T
         tb_dir = run_dir / "tb"
         old = _set_aside(tb_dir)
         trackers["TensorBoard"] = tb = TensorBoardTracker(tb_dir)
-        if old is not None and resume_step is not None:  # the checkpoint's steps, not the ones redone
-            tb.carry_over(old, resume_step)
+        if resumed is not None:  # the checkpoint's steps, not the ones the killed run got past it
+            try:
+                tb.resume(resumed, old)
+            except Exception as err:  # a damaged old file costs its curves, not the resume
+                log.warning(f"TensorBoard: the earlier steps were not carried over from {old} ({err})")
         said.append(f"TensorBoard in {tb_dir} (tensorboard --logdir {tb_dir})")
     else:
         said.append("TensorBoard off (tracking.tensorboard)")
     project = wandb_project(cfg)
     if project is not None:
-        trackers["W&B"] = WandbTracker(_import_wandb(), project, cfg, run_dir, resume_step is not None)
+        trackers["W&B"] = WandbTracker(_import_wandb(), project, cfg, run_dir, resumed is not None)
         said.append(f"W&B project {project}")
     else:
         said.append("W&B off (set tracking.wandb_project or WANDB_PROJECT to log there)")

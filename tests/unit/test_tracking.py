@@ -69,7 +69,7 @@ def test_a_resumed_run_replaces_the_steps_it_runs_again(tmp_path, monkeypatch):
         trackers.log_step(r)
         trackers.log_snapshot(r["step"], {**SNAP, "step": r["step"]})
     trackers.close()
-    trackers = tracking.start(cfg, tmp_path, resume_step=3)
+    trackers = tracking.start(cfg, tmp_path, resumed=first[:3])
     for r in again:
         trackers.log_step(r)
     trackers.close()
@@ -77,10 +77,27 @@ def test_a_resumed_run_replaces_the_steps_it_runs_again(tmp_path, monkeypatch):
     assert got["train/loss"] == {r["step"]: r["loss"] for r in first[:3] + again}
     assert set(got["ammd_step"]) == {1, 2, 3}  # the checkpoint's snapshots, none of the lost steps
     (old,) = tmp_path.glob("previous-*/tb")  # the interrupted run's files, all of them
-    before = read_events(old)["train/loss"]
+    before = read_events(old)["ammd_step"]
     assert set(before) == set(range(1, 7))
-    after = read_events(tmp_path / "tb")["train/loss"]
-    assert [after[s] for s in (1, 2, 3)] == [before[s] for s in (1, 2, 3)]  # wall times kept too
+    after = read_events(tmp_path / "tb")["ammd_step"]
+    assert after == {s: before[s] for s in (1, 2, 3)}  # wall times kept too
+
+
+def test_a_resume_holds_the_checkpoints_steps_whatever_the_killed_run_flushed(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    cfg = build_config({})
+    saved = history(range(1, 5), seed=3)  # the checkpoint holds steps 1-4
+    trackers = tracking.start(cfg, tmp_path)
+    for r in saved[:2]:  # the killed run's writer had flushed steps 1-2 only
+        trackers.log_step(r)
+        trackers.log_snapshot(r["step"], {**SNAP, "step": r["step"]})
+    trackers.close()
+    (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    events.write_bytes(events.read_bytes()[:-7])  # and its last record was cut short by the kill
+    tracking.start(cfg, tmp_path, resumed=saved).close()
+    got = read_scalars(tmp_path / "tb")
+    assert got["train/loss"] == {r["step"]: r["loss"] for r in saved}
+    assert set(got["ammd_step"]) == {1, 2}
 
 
 class FakeWandb:
@@ -132,7 +149,7 @@ def test_wandb_gets_what_tensorboard_gets(tmp_path, fake_wandb, capsys):
     assert "W&B project distill" in capsys.readouterr().out
 
     # A resumed job continues the same W&B run.
-    tracking.start(cfg, tmp_path / "j", resume_step=2).close()
+    tracking.start(cfg, tmp_path / "j", resumed=records[:2]).close()
     assert fake_wandb.inits[1]["id"] == init["id"] and fake_wandb.inits[1]["resume"] == "allow"
     tracking.start(cfg, tmp_path / "j").close()  # a new job under the name: a new run
     assert fake_wandb.inits[2]["id"] != init["id"]
