@@ -11,7 +11,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING := 0
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-extended test-fast bench-memory bench-quality bench-speed docker-smoke clean
+.PHONY: setup demo test test-extended test-fast browser bench-memory bench-quality bench-speed docker-smoke clean
 
 setup: $(STAMP)
 
@@ -29,13 +29,21 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/ammd run configs/local-cpu.yaml
 
-# Everything but the benchmark harnesses' own tests (-m extended), which CI adds (.ci/run) so
-# that `make test` stays within 20 minutes on 2 cores.
+# Everything but the benchmark harnesses' own tests and the status page's browser test
+# (-m extended), which CI adds (.ci/run) so that `make test` stays within 20 minutes on 2 cores
+# and needs no browser.
 test: setup
 	$(PY) -m pytest -q -m "not extended" $(PYTEST_ARGS)
 
-test-extended: setup
+test-extended: setup browser
 	$(PY) -m pytest -q -m extended $(PYTEST_ARGS)
+
+# Headless Chromium from Debian, for the status page's browser test (tests/integration/
+# test_status_page.py, in test-extended); installed only when missing (apt, as root or via sudo).
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
