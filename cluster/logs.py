@@ -79,11 +79,11 @@ class LineProgress:
         if step == self._last or not (step % self.every == 0 or step == self.total):
             return  # a skipped (non-finite) step calls again with the same step
         self._last = step
-        nan = float("nan")
+        get, nan = stats.get, float("nan")
         self.logger.info(
-            f"step {step}/{self.total} loss {stats.get('loss', nan):.4f} version {stats.get('version', 0)} "
-            f"rollout {stats.get('rollout_tps', 0.0):.0f} tok/s learner {stats.get('learner_tps', 0.0):.0f} tok/s "
-            f"lr {stats.get('lr', nan):.2e} rows made {stats.get('rows', 0)}")
+            f"step {step}/{self.total} loss {get('loss', nan):.4f} version {get('version', 0)} "
+            f"rollout {get('rollout_tps', 0.0):.0f} tok/s learner {get('learner_tps', 0.0):.0f} tok/s "
+            f"lr {get('lr', nan):.2e} rows made {get('rows', 0)}")
 
     def close(self) -> None:
         pass

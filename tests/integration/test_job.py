@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from learner.learner_actor import free_port
+from tests.tb_events import read_scalars
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,6 +127,8 @@ def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness, loss
     state = torch.load(ckpt / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False,
                        map_location="cpu")
     assert state["lr_scheduler"]["last_epoch"] == 12  # the scheduler is saved with the optimiser
+    if loss == "forward_kl":
+        check_tensorboard(report, run_dir)
     if loss == "amm":
         # The adversaries' curves are in the report and their state in the checkpoint.
         assert all({"d_on", "d_off", "adversary_loss"} <= set(h) for h in report["history"])
@@ -140,6 +143,19 @@ def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness, loss
         assert {s: u["generated"] for s, u in usage.items()} == {s: appended[s] for s in usage}
     else:
         check_exported_student(report, run_dir)
+
+
+def check_tensorboard(report, run_dir):
+    """The job's TensorBoard event files hold report.json's history, every value of every step
+    exactly, and the /metrics scalars of each step."""
+    scalars = read_scalars(run_dir / "tb")
+    keys = set(report["history"][0]) - {"step"}
+    assert {"loss", "grad_norm", "lr"} <= keys
+    for key in keys:
+        assert scalars[f"train/{key}"] == {h["step"]: h[key] for h in report["history"]}, key
+    assert scalars["ammd_step"] == {s: float(s) for s in range(1, 13)}
+    assert scalars["ammd_loss/term=loss"] == scalars["train/loss"]  # the snapshot after each step
+    assert scalars["ammd_weight_version"][12] == report["final_weight_version"]
 
 
 def check_exported_student(report, run_dir):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tb_events import read_scalars
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 AMMD = str(Path(sys.executable).with_name("ammd"))
@@ -67,6 +69,10 @@ def test_killed_job_resumes_and_matches_the_uninterrupted_run(toy_world, tmp_pat
         assert (a["step"], a["loss"], a["grad_norm"], a["lr"]) == (b["step"], b["loss"], b["grad_norm"], b["lr"])
     assert resumed["student_score_after"] == full["student_score_after"]
     assert resumed["rollout_usage"] == full["rollout_usage"]  # no row made twice, none lost
+    # TensorBoard shows every step once: the checkpoint's, then the resumed run's.
+    tb = read_scalars(tmp_path / "cut" / "tb")
+    for key in ("loss", "grad_norm", "lr"):
+        assert tb[f"train/{key}"] == {h["step"]: h[key] for h in resumed["history"]}, key
 
 
 def test_a_dead_learner_rank_fails_the_job_with_the_resume_command(toy_world, tmp_path):
