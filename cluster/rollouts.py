@@ -143,7 +143,8 @@ class RolloutPump:
     supervisor: Any = None  # cluster.supervisor.Supervisor: restarts lost actors (None: errors raise)
     timeout_s: float = 600.0  # longest wait for one request (ray.actor_timeout_s)
     inflight: dict = field(default_factory=dict)  # ObjectRef -> Request
-    tokens: int = 0
+    tokens: int = 0  # response tokens of every row made, a resumed job's earlier ones included
+    tokens_at_start: int = 0  # ``tokens`` when this process's clock (``started``) began
     actor_tokens: dict = field(default_factory=dict)  # "student-0" -> response tokens of its rows
     rows: dict = field(default_factory=lambda: {"student": 0, "teacher": 0, "dataset": 0})
     started: float = field(default_factory=time.time)
@@ -231,7 +232,9 @@ class RolloutPump:
                 for src in self.rows if self.rows[src] or served.get(src)}
 
     def tokens_per_s(self) -> float:
-        return self.tokens / max(time.time() - self.started, 1e-9)
+        """Response tokens per second since this process started the pump (after a resume,
+        only the tokens made since: the earlier run's tokens were made on an earlier clock)."""
+        return (self.tokens - self.tokens_at_start) / max(time.time() - self.started, 1e-9)
 
     def actor_tokens_per_s(self) -> dict[str, float]:
         """Per rollout actor that made rows: response tokens of its rows per second since the
@@ -256,3 +259,4 @@ class RolloutPump:
             self.references.restore(state["references"])
         self.rows.update(state["rows"])
         self.tokens, self._next_teacher = state["tokens"], state["next_teacher"]
+        self.tokens_at_start = self.tokens

@@ -96,3 +96,21 @@ def test_prompt_stream_resumes_where_its_state_says():
     again = item_stream(list(range(7)), seed=3)
     again.restore(state)
     assert next_n(again, 12) == want
+
+
+def test_tokens_per_s_after_a_resume_counts_only_the_new_process_tokens():
+    """A resumed pump carries the earlier run's token total (saved in the checkpoint) but times
+    only its own: dividing the old total by the new clock would report a rate the job never had."""
+
+    from cluster.rollouts import RolloutPump, item_stream
+
+    first = RolloutPump([], [], None, item_stream([1, 2, 3], seed=0))
+    first.tokens = 1_000_000  # a long earlier run
+    saved = first.state()
+    resumed = RolloutPump([], [], None, item_stream([1, 2, 3], seed=0))
+    resumed.restore(saved)
+    assert resumed.tokens == 1_000_000  # the total survives the resume
+    assert resumed.tokens_per_s() == 0.0  # nothing made since this process started
+    resumed.started -= 10.0  # ten seconds later, 500 new tokens
+    resumed.tokens += 500
+    assert resumed.tokens_per_s() == pytest.approx(50.0, rel=0.01)
