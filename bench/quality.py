@@ -54,10 +54,16 @@ _ON = ["buffer.on_policy_fraction=1.0"]             # student samples only
 _OFF = ["buffer.on_policy_fraction=0.0"]            # teacher samples only
 
 
+# The paper's AMM as first measured here: the bounded adversary class with the policy-gradient
+# term at 0.2 and the logratio head. Pinned, not left to learner/amm.py's defaults, so that each
+# label keeps meaning the settings its results were measured with when the defaults move.
+_PAPER_AMM = ["loss.params.adversary_class=bounded", "loss.params.pg_coef=0.2", "loss.params.head=logratio"]
+
+
 def _amm(beta: float) -> list[str]:
     # beta weights the off-policy term, so its extremes need only one kind of row.
     rows = _ON if beta == 0 else _OFF if beta == 1 else _MIXED
-    return ["loss.name=amm", f"loss.params.beta={beta}", *rows]
+    return ["loss.name=amm", f"loss.params.beta={beta}", *_PAPER_AMM, *rows]
 
 
 # label -> (rows it trains on, overrides of the base config)

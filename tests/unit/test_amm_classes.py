@@ -199,7 +199,25 @@ def test_beta_schedule_anchor_and_adversary_warmup():
                         vocab_size=V, steps=5)
     _, mw = warm.loss(out, batch)
     assert mw["d_off"] > ma["d_off"] + 0.05
-    assert mw["d_off"] <= mw["d_off_true"] + 1e-9  # a learned bounded adversary never beats the best response
+    assert mw["d_off"] <= mw["d_off_true"] + 1e-9  # a learned adversary never beats its class's best response
+
+
+def test_default_amm_at_its_best_response_descends_forward_kl():
+    """AMM's defaults (chi2 class, lambda 0.5, no policy-gradient term): at the adversary's best
+    response the student's gradient is forward KL's on the same rows, on- and off-policy alike
+    (BENCHMARKS.md, issue #12). The paper's settings (bounded class, policy gradient 0.2) are not."""
+    from learner.losses import forward_kl
+    from learner.objective import AMMObjective
+
+    out, batch, hidden = _objective_inputs(seed=5)
+    logits = batch.response_logits(out.logits)
+    want = torch.autograd.grad(forward_kl(logits, batch.teacher, batch.mask), out.logits)[0]
+    default = AMMObjective({"adversary": "oracle"}, hidden_size=hidden, vocab_size=V)
+    got = torch.autograd.grad(default.loss(out, batch)[0], out.logits)[0]
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    for paper in ({"adversary_class": "bounded"}, {"pg_coef": 0.2}):
+        other = AMMObjective({"adversary": "oracle", **paper}, hidden_size=hidden, vocab_size=V)
+        assert not torch.allclose(torch.autograd.grad(other.loss(out, batch)[0], out.logits)[0], want)
 
 
 def test_normalised_policy_gradient_does_not_follow_the_gaps_scale():
