@@ -57,8 +57,9 @@ bench-memory: setup
 bench-quality: setup
 	$(PY) -m bench.quality --benchmarks-md BENCHMARKS.md
 
-# Speed, issue #13 item 5 (a-d): vLLM vs transformers rollouts, weight push vs memcpy, async overlap,
-# ammd vs TRL GKDTrainer, on a locally built 32k-vocabulary pair (~20M student, ~106M teacher);
+# Speed, issue #13 item 5 (a-e): vLLM vs transformers rollouts, weight push vs memcpy, async overlap,
+# ammd vs TRL GKDTrainer, on a locally built 32k-vocabulary pair (~20M student, ~106M teacher), and
+# AMM's per-rank peak memory vs forward KL's at a 128k vocabulary (needs ~16 GiB free RAM);
 # ~15-25 min on 2 idle cores; rewrites the speed section of BENCHMARKS.md and bench/results/speed.json.
 # `make test` runs its smoke variant (python -m bench.speed --smoke).
 bench-speed: setup

@@ -26,9 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-# (name, loss config): forward KL, then AMM with the default head and the low-rank kinds.
+# (name, loss config): forward KL, then AMM with its default head and with each head kind.
 CONFIGS = {
     "forward_kl": {"name": "forward_kl"},
+    "amm_default": {"name": "amm", "params": {}},  # whatever head learner/amm.py defaults to
     "amm_logratio": {"name": "amm", "params": {"head": "logratio"}},
     "amm_lowrank": {"name": "amm", "params": {"head": "lowrank"}},
     "amm_logratio_lowrank": {"name": "amm", "params": {"head": "logratio_lowrank"}},

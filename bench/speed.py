@@ -1,4 +1,4 @@
-"""The speed benchmark (issue #13, item 5 a-d): ammd against its peers and its own options.
+"""The speed benchmark (issue #13, item 5 a-e): ammd against its peers and its own options.
 
 Every part runs in the same process, one after the other, each measuring ours and the baseline
 side by side on the same input (the modules say how):
@@ -7,7 +7,9 @@ side by side on the same input (the modules say how):
   (c) bench/speed_jobs.py     the real job at buffer.max_staleness 0, 1, 2: learner busy fraction
                               and student tokens/s;
   (d) bench/speed_e2e.py      learner steps/s and tokens/s of ammd's job against TRL's GKDTrainer,
-                              at the realistic scale and the toy scale.
+                              at the realistic scale and the toy scale;
+  (e) bench/speed_memory.py   AMM's per-rank peak memory against forward KL's at a 128k
+                              vocabulary (bench/amm_memory.py, one subprocess per loss).
 The realistic pair (bench/speed_models.py): Llama-architecture, 32k vocabulary, a ~20M student
 and a ~106M teacher (and a ~297M model for the push), built locally and cached under
 artifacts/speed; bf16 where this CPU runs it faster than fp32, else fp32 (the JSON says which).
@@ -222,10 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
     run_trl_side(result, plan, world, toy_jobs)
+    from bench.speed_memory import run_memory
+    part(result, "memory", lambda: run_memory(args.smoke))
     result["ratios"] = collect_ratios(result)
     result["wall_seconds"] = round(time.time() - started, 1)
     write_outputs(result, out, args.benchmarks_md and Path(args.benchmarks_md))
-    failed = [k for k in ("rollout", "weight_push", "overlap") if "error" in result[k]]
+    failed = [k for k in ("rollout", "weight_push", "overlap", "memory") if "error" in result[k]]
     failed += [f"e2e.{k}" for k, v in result["e2e"].items() if "error" in v]
     log(f"done in {result['wall_seconds'] / 60:.1f} min; {out / 'speed.json'}"
         + (f"; FAILED parts: {failed}" if failed else ""))

@@ -40,6 +40,10 @@ def collect_ratios(result: dict) -> dict[str, float]:
         if _ok(e):
             ratios[f"d_{scale}_ammd_over_trl_steps_per_s"] = e["ratio_steps"]
             ratios[f"d_{scale}_ammd_over_trl_tokens_per_s"] = e["ratio_tokens"]
+    if _ok(result.get("memory")):
+        for r in result["memory"]["rows"]:
+            if r["config"] != "forward_kl":
+                ratios[f"e_{r['config']}_over_forward_kl_peak_memory"] = r["ratio_to_forward_kl"]
     return ratios
 
 
@@ -151,6 +155,26 @@ def _e2e(d: dict, models: dict) -> list[str]:
     return lines + ["", "ammd / TRL (target >= 1x): " + "; ".join(verdicts)]
 
 
+def _memory(e: dict | None) -> list[str]:
+    lines = ["#### (e) AMM's peak memory per learner rank against forward KL's, at a 128k vocabulary", ""]
+    if e is None:
+        return lines + ["Not run."]
+    if not _ok(e):
+        return lines + _failed(e)
+    sh = e["shape"]
+    lines += [f"`{e['command']}`: one learner step per loss in a fresh subprocess, CPU fp32, a "
+              f"Llama-architecture student (hidden {sh['hidden']}, vocabulary {sh['vocab']:,}, {sh['layers']} "
+              f"layer), {sh['rows']} rows x {sh['response']} response tokens, low-rank heads at rank {sh['rank']}; "
+              f"peak resident memory above the imports, what one rank holds without ZeRO.", "",
+              "| loss | adversary parameters | peak (MiB) | / forward KL | GPU |", "|---|---:|---:|---:|---|"]
+    for r in e["rows"]:
+        label = {"forward_kl": "forward KL", "amm_default": f"AMM, default head (`{e['default_head']}`)"}.get(
+            r["config"], f"AMM, `head={r['config'].removeprefix('amm_')}`")
+        lines.append(f"| {label} | {r['head_params']:,} | {_n(r['peak_mib'])} | {r['ratio_to_forward_kl']:.2f} | "
+                     f"{GPU} |")
+    return lines + ["", f"Default AMM / forward KL: **{e['ratio']:.2f}x** (target <= {e['target']}x: {_met(e['met'])})"]
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     head = (f"Produced by `{result['command']}` at commit `{result['commit']}` in "
@@ -160,7 +184,7 @@ def markdown(result: dict) -> str:
             f"GPU columns: {m['gpu']}. Raw numbers: `speed.json`.")
     student = result["models"]["student"]["params"]
     parts = [[head], _rollout(result["rollout"], student), _push(result["weight_push"]), _overlap(result["overlap"]),
-             _e2e(result.get("e2e", {}), result["models"])]
+             _e2e(result.get("e2e", {}), result["models"]), _memory(result.get("memory"))]
     return "\n\n".join("\n".join(p) for p in parts)
 
 

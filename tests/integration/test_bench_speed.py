@@ -2,7 +2,7 @@
 
 Every part runs for real, shrunk: vLLM and transformers rollouts, weight pushes through every
 registered transport on real Ray actors, three short jobs at max_staleness 0/1/2, a toy job, and
-TRL's GKDTrainer in its own venv. The JSON must hold every part with both absolute numbers, and
+TRL's GKDTrainer in its own venv, AMM's memory against forward KL's. The JSON must hold every part with both absolute numbers, and
 every ratio must be finite and positive, so that no part can rot unseen. The report's writer is
 checked apart, fast: it rewrites only its own section of BENCHMARKS.md.
 """
@@ -48,12 +48,19 @@ def test_smoke_run_measures_every_part(tmp_path):
         assert e["ammd"]["learner_steps_per_s"] > 0 and all(t["steps_per_s"] > 0 for t in e["trl"])
         assert all(t["token_check"]["equal"] for t in e["trl"])  # TRL trained on ammd's tokens
 
+    memory = result["memory"]
+    from bench.speed_memory import CONFIGS
+    assert [r["config"] for r in memory["rows"]] == list(CONFIGS) and all(r["peak_mib"] > 0 for r in memory["rows"])
+    default = next(r for r in memory["rows"] if r["config"] == "amm_default")
+    same_head = next(r for r in memory["rows"] if r["config"] == f"amm_{memory['default_head']}")
+    assert default["head_params"] == same_head["head_params"]  # "default" is the head learner/amm.py names
+
     ratios = result["ratios"]
-    expected = 1 + len(push) * len(TRANSPORTS) + 2 + 2 * 2
+    expected = 1 + len(push) * len(TRANSPORTS) + 2 + 2 * 2 + (len(memory["rows"]) - 1)
     assert len(ratios) == expected, ratios
     assert all(math.isfinite(v) and v > 0 for v in ratios.values()), ratios
     text = (tmp_path / "speed.md").read_text()
-    for heading in ("#### (a)", "#### (b)", "#### (c)", "#### (d)"):
+    for heading in ("#### (a)", "#### (b)", "#### (c)", "#### (d)", "#### (e)"):
         assert heading in text
 
 
@@ -72,7 +79,15 @@ def fake_result() -> dict:
             "weight_push": {"error": "RuntimeError: no RAM"},
             "overlap": {"runs": [run, {**run, "max_staleness": 1, "student_tokens_vs_sync": 1.5}],
                         "ratio": 1.5, "target": 1.3, "target_busy": 0.8, "met": False},
-            "e2e": {"toy": {"error": "RuntimeError: TRL failed"}}}
+            "e2e": {"toy": {"error": "RuntimeError: TRL failed"}},
+            "memory": {"command": "python -m bench.amm_memory", "default_head": "logratio_lowrank",
+                       "shape": {"hidden": 2048, "vocab": 131072, "layers": 1, "rows": 4, "response": 32, "rank": 64},
+                       "rows": [{"config": "forward_kl", "head_params": 0, "peak_mib": 100.0, "ratio_to_forward_kl": 1.0},
+                                {"config": "amm_default", "head_params": 9, "peak_mib": 104.0,
+                                 "ratio_to_forward_kl": 1.04},
+                                {"config": "amm_logratio", "head_params": 99, "peak_mib": 213.0,
+                                 "ratio_to_forward_kl": 2.13}],
+                       "ratio": 1.04, "target": 1.5, "met": True}}
 
 
 def test_report_rewrites_only_its_section(tmp_path):
@@ -82,10 +97,14 @@ def test_report_rewrites_only_its_section(tmp_path):
     md.write_text(f"# Benchmarks\n\nbefore\n\n{BEGIN}\nold table\n{END}\n\nThe reading, by hand.\n")
     result = fake_result()
     assert collect_ratios(result) == {"a_vllm_over_hf_generate_tokens_per_s": 2.0,
-                                      "c_staleness1_over_sync_student_tokens_per_s": 1.5}
+                                      "c_staleness1_over_sync_student_tokens_per_s": 1.5,
+                                      "e_amm_default_over_forward_kl_peak_memory": 1.04,
+                                      "e_amm_logratio_over_forward_kl_peak_memory": 2.13}
     write_outputs(result, tmp_path / "out", md)
     doc = md.read_text()
     assert doc.startswith("# Benchmarks\n\nbefore\n\n") and doc.endswith(f"{END}\n\nThe reading, by hand.\n")
     assert "old table" not in doc and "commit `abc1234`" in doc and "**2.00x**" in doc
     assert "Not measured: RuntimeError: no RAM" in doc and "**missed**" in doc
+    assert "| AMM, default head (`logratio_lowrank`) | 9 | 104 | 1.04 |" in doc
+    assert "Default AMM / forward KL: **1.04x** (target <= 1.5x: **met**)" in doc
     assert json.loads((tmp_path / "out" / "speed.json").read_text())["commit"] == "abc1234"
