@@ -4,9 +4,10 @@ is checked:
 - at hidden 2048 and a 128k vocabulary the low-rank heads hold under 5% of a linear head's
   hidden x V parameters (counted on the meta device, nothing allocated);
 - on a tabular problem (one-hot states) ``adversary_step`` trains them to the analytic best
-  response's value, chi2 and bounded, as the default ``logratio`` head does; a low-rank head
+  response's value, chi2 and bounded, as the ``logratio`` head does; a low-rank head
   without the log-ratio feature falls short when its rank is below the problem's;
-- ``head_rank`` is validated by name and reaches the heads; the objective's state round-trips.
+- ``head_rank`` is validated by name and reaches the heads, and the default head does not grow
+  as hidden x V; the objective's state round-trips.
 """
 import io
 
@@ -78,7 +79,14 @@ def test_head_rank_is_validated_by_name_and_reaches_the_heads():
     for bad in (0, -1, 2.5, "8", True):
         with pytest.raises(ValueError, match="loss.params.head_rank"):
             resolve_amm_params({"head_rank": bad})
-    assert resolve_amm_params({})["head"] == "logratio"  # the default head is unchanged
+    # The default head fits a real vocabulary: at hidden 2048 and V = 128256 (Llama 3) each of
+    # the default objective's heads holds (hidden + V) r + V + 1 parameters, not hidden x V.
+    hidden, vocab = 2048, 128256
+    with torch.device("meta"):
+        default = AMMObjective({}, hidden_size=hidden, vocab_size=vocab, device="meta")
+    per_head = [sum(p.numel() for p in h.parameters()) for h in default.heads]
+    rank = resolve_amm_params({})["head_rank"]
+    assert per_head == [(hidden + vocab) * rank + vocab + 1] * 2 and per_head[0] < 0.05 * hidden * vocab
     obj = AMMObjective({"head": "lowrank", "head_rank": 3}, hidden_size=8, vocab_size=V)
     assert [m.out_features for h in obj.heads for m in h.net if isinstance(m, torch.nn.Linear)] == [3, V, 3, V]
     with pytest.raises(ValueError, match="log-ratio"):
