@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 
 from learner.learner_actor import free_port
 from services.status import JobStatus, StatusServer
+from tests.integration.test_job import get_json  # one HTTP JSON reader for the live-job tests
 
 pytestmark = pytest.mark.extended  # CI runs it (make test-extended, after make browser)
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,14 +71,6 @@ def load_page(url: str, profile: Path, budget_ms: int = 5000) -> Drawn:
     drawn.feed(out.stdout)
     assert int(drawn.body.get("data-polls", 0)) >= 1, f"the page never drew a snapshot:\n{out.stdout[:3000]}"
     return drawn
-
-
-def get_json(url: str):
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return json.loads(r.read())
-    except OSError:
-        return None
 
 
 def count(rows, key: str, x: str = "step") -> int:
