@@ -28,9 +28,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from learner.constants import DEFAULT_HEAD_RANK
+
 HEADS = ("linear", "mlp", "logratio", "lowrank", "logratio_lowrank")
 RATIO_HEADS = ("logratio", "logratio_lowrank")  # heads that read the log-ratio feature
-DEFAULT_HEAD_RANK = 64
 
 
 @dataclass(frozen=True)

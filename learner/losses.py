@@ -30,11 +30,10 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from learner.constants import DEFAULT_CHUNK_SIZE, TAIL_LOG_FLOOR
 from learner.teacher_signal import TeacherSignal, TopKSignal
 
-DEFAULT_CHUNK_SIZE = 256
 PAD_LOGPROB_THRESHOLD = -1e3  # a top-k slot with a teacher logprob at or below this is padding
-TAIL_LOG_FLOOR = -69.0        # log-mass floor of the tail bucket (exp(-69) ~ 1e-30)
 _NEG = -1e30                  # finite "minus infinity" (an all -inf logsumexp has a NaN gradient)
 
 

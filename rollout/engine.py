@@ -18,9 +18,12 @@ from typing import Any, Callable, Iterable, Optional, Protocol
 import numpy as np
 import torch
 
+from learner.constants import TAIL_LOG_FLOOR
+
 # Floor for the stored tail log-mass: the mass outside the top-k can be exactly zero (k = V)
 # or slightly negative through rounding; a finite floor keeps every loss free of inf - inf.
-MIN_TAIL_LOGMASS = -69.0  # log(1e-30)
+# The losses' own floor, so the two cannot drift apart.
+MIN_TAIL_LOGMASS = TAIL_LOG_FLOOR  # log(1e-30)
 
 
 @dataclass
