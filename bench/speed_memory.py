@@ -24,7 +24,7 @@ SMOKE_SHAPE = ("--hidden", "64", "--vocab", "2048", "--intermediate", "128", "--
 
 def run_memory(smoke: bool) -> dict:
     """The part's record: each configuration's peak, its ratio to forward KL's, the verdict."""
-    from learner.amm import resolve_amm_params
+    from learner.loss_params import AMMParams
 
     with tempfile.TemporaryDirectory(prefix="amm_memory_") as tmp:
         out = Path(tmp) / "amm_memory.json"
@@ -37,5 +37,5 @@ def run_memory(smoke: bool) -> dict:
     args = ["--configs", *CONFIGS, *(SMOKE_SHAPE if smoke else ())]
     return {"command": " ".join(["python -m bench.amm_memory", *args]),
             "shape": measured["shape"], "rows": measured["rows"],
-            "default_head": resolve_amm_params({})["head"], "ratio": ratio, "target": TARGET,
+            "default_head": AMMParams().head, "ratio": ratio, "target": TARGET,
             "met": ratio <= TARGET}

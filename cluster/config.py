@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_serializer,
+                      field_validator, model_validator)
+
+from learner.loss_params import LossParams, params_model, parse_loss_params
 
 
 class ConfigError(ValueError):
@@ -175,22 +178,39 @@ class LearnerConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    name: str = "forward_kl"
+    name: str = Field("forward_kl", description="the loss (learner.loss_params.LOSS_PARAMS)")
     teacher_signal: Literal["topk", "full"] = Field(
         "topk", description="topk: rollout.topk log-probs from the teacher actors; full: the "
                             "teacher's full logits from a frozen copy inside each learner rank")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: LossParams = Field(default_factory=dict, validate_default=True, description=(
+        "the loss's parameters, typed by loss.name (learner.loss_params: one model per loss)"))
+
+    # Checked here, not in the learner actors, so a typo fails before anything starts.
+    @field_validator("name")
+    @classmethod
+    def _known_loss(cls, name: str) -> str:
+        params_model(name)  # names loss.name and the known losses
+        return name
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _typed_params(cls, params: Any, info: ValidationInfo) -> LossParams:
+        if "name" not in info.data:  # loss.name is wrong: its error is the one to read
+            return LossParams()
+        return parse_loss_params(info.data["name"], params)
 
     @model_validator(mode="after")
-    def _known_loss_and_params(self) -> "LossConfig":
-        # Checked here, not in the learner actors, so a typo fails before anything starts.
-        from learner.objective import check_loss
-        try:
-            check_loss(self.name, self.params)
-        except ValueError as err:
-            text = str(err)  # name the field when the objective's message does not
-            raise ValueError(text if "loss." in text else f"loss.params: {text}") from None
+    def _params_fit_the_name(self) -> "LossConfig":
+        if type(self.params) is not params_model(self.name):  # loss.name set on a built config
+            object.__setattr__(self, "params", parse_loss_params(self.name, self.params))
         return self
+
+    @field_serializer("params")
+    def _params_as_written(self, params: LossParams) -> dict[str, Any]:
+        # The keys given, not every default: a dumped config reads back under another loss.name
+        # (build_config(cfg.model_dump(), ["loss.name=..."])) and a checkpoint's copy compares
+        # with what was written.
+        return params.model_dump(exclude_unset=True)
 
 
 class StatusConfig(_Strict):

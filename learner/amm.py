@@ -44,19 +44,10 @@ from typing import Any, Callable, Optional
 import torch
 
 # AdversaryClass and QHead live in learner.amm_heads; importable from here as before.
-from learner.amm_heads import DEFAULT_HEAD_RANK, HEADS, AdversaryClass, QHead
-from learner.losses import (DEFAULT_CHUNK_SIZE, TAIL_LOG_FLOOR, _NEG, _select, chunked_sum,
-                            compute_dtype, topk_cover)
-from learner.schedule import SCHEDULES
-from learner.teacher_signal import TeacherSignal, TopKSignal
-
-TAILS = ("student_mean", "zero")
-CLASSES = ("bounded", "chi2")
-ADVERSARIES = ("learned", "oracle")
-PENALTY_GRADS = ("detached", "full")
-BASELINES = ("loo", "none")
-RETURNS = ("full", "to_go")
-
+from learner.amm_heads import AdversaryClass, QHead
+from learner.constants import DEFAULT_CHUNK_SIZE, TAIL_LOG_FLOOR
+from learner.losses import _NEG, _select, chunked_sum, compute_dtype, topk_cover
+from learner.teacher_signal import TeacherSignal
 
 def log_ratio(student_logits: torch.Tensor, teacher: TeacherSignal) -> torch.Tensor:
     """[..., V] log p(a) - log q(a). With a top-k signal a token outside the top-k gets the
@@ -338,80 +329,3 @@ def adversary_step(heads: tuple[QHead, QHead], optimizer: torch.optim.Optimizer,
     reduce_grads([p.grad for p in params])
     optimizer.step()
     return total
-
-
-AMM_DEFAULTS: dict[str, Any] = {
-    "beta": 0.5,           # weight of the off-policy distance; 0 = on-policy only, 1 = off-policy only
-    "adv_lr": 1e-2,        # Adam learning rate of the adversaries
-    "adv_lr_schedule": "constant",  # "constant" | "linear" | "cosine" over the learner's steps:
-                           # the adversary must keep tracking the student to the end
-    "adv_steps": 1,        # adversary ascent steps per student step
-    "head": "logratio_lowrank",  # "logratio_lowrank" | "logratio" | "linear" | "mlp" | "lowrank"
-                           # (learner.amm_heads). The low-rank kinds do not grow as hidden x V
-                           # (1.04x forward KL's memory at V = 128k, against 2.13x for "logratio");
-                           # on the toy tasks they score as "logratio" does, at rank 64 and at 2
-    "head_rank": DEFAULT_HEAD_RANK,  # r of the low-rank heads: (hidden + V) r + V parameters each
-    "tail": "student_mean",  # top-k tail handling: "student_mean" | "zero"
-    "baseline": "loo",     # "loo" (leave-one-out mean of the return-to-go) | "none"
-    "ratio_clip": 2.0,     # cap of the per-token importance ratio for older rows
-    "returns": "full",     # "full" (exact with EOS) | "to_go" (lower variance, fixed lengths only)
-    "pg_coef": 0.0,        # weight of the policy-gradient term: 1 = exact gradient of D_on,
-                           # 0 = on-policy states treated as data (as GKD-style trainers do).
-                           # 0 by default: with chi2 the term's unbounded returns make the student
-                           # collapse; the paper's bounded class took 0.2 (BENCHMARKS.md, issue #12)
-    "adversary_class": "chi2",  # "chi2" (penalised, unbounded) | "bounded" (f in [-1, 1], the
-                           # paper's): AdversaryClass. chi2 without the policy-gradient term is
-                           # the best AMM variant measured, 10-30 points above bounded on the toy tasks
-    "chi2_lambda": 0.5,    # the chi2 penalty's weight lam: the best response is (p/q - 1) / (2 lam);
-                           # 0.5 gives the student forward KL's gradient, q - p, at the optimum
-    "penalty_grad": "detached",  # chi2: "detached" (student descends the gap, forward-KL direction)
-                           # | "full" (it descends gap - penalty too: the gradient of chi^2)
-    "adversary": "learned",  # "learned" heads | "oracle": the class's analytic best response
-                           # (a diagnosis: what the objective can do with a perfect adversary)
-    "beta_schedule": "constant",  # "constant" | "linear": beta moves from beta_start to beta
-    "beta_start": 1.0,     # over the job's steps (off-policy heavy first, then mixed)
-    "adv_warmup_steps": 0,  # extra adversary steps on the first batch, before the student moves
-    "anchor_fkl": 0.0,     # weight of a forward-KL anchor added to the student's loss (0 = AMM only)
-    "pg_normalize": False,  # divide the policy-gradient advantages by their spread (returns="full")
-    "chunk_size": DEFAULT_CHUNK_SIZE,
-}
-BETA_SCHEDULES = ("constant", "linear")
-
-
-def _is_int(x: Any) -> bool:
-    """An int that is not a bool (YAML's true would otherwise pass as 1)."""
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def resolve_amm_params(params: dict[str, Any]) -> dict[str, Any]:
-    """AMM_DEFAULTS overridden by ``params``; refuses unknown keys and bad values by name."""
-    unknown = sorted(set(params) - set(AMM_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown parameter {unknown[0]!r} for loss 'amm'; allowed: {sorted(AMM_DEFAULTS)}")
-    out = {**AMM_DEFAULTS, **params}
-    checks = [("beta", 0 <= float(out["beta"]) <= 1, "a number in [0, 1]"),
-              ("adv_lr", float(out["adv_lr"]) > 0, "a positive number"),
-              ("adv_lr_schedule", out["adv_lr_schedule"] in SCHEDULES, f"one of {SCHEDULES}"),
-              ("adv_steps", isinstance(out["adv_steps"], int) and out["adv_steps"] >= 0, "an integer >= 0"),
-              ("head", out["head"] in HEADS, f"one of {HEADS}"),
-              ("head_rank", _is_int(out["head_rank"]) and out["head_rank"] >= 1, "an integer >= 1"),
-              ("tail", out["tail"] in TAILS, f"one of {TAILS}"),
-              ("baseline", out["baseline"] in BASELINES, f"one of {BASELINES}"),
-              ("returns", out["returns"] in RETURNS, f"one of {RETURNS}"),
-              ("ratio_clip", float(out["ratio_clip"]) >= 1, "a number >= 1"),
-              ("pg_coef", float(out["pg_coef"]) >= 0, "a number >= 0"),
-              ("adversary_class", out["adversary_class"] in CLASSES, f"one of {CLASSES}"),
-              ("chi2_lambda", float(out["chi2_lambda"]) > 0, "a positive number"),
-              ("penalty_grad", out["penalty_grad"] in PENALTY_GRADS, f"one of {PENALTY_GRADS}"),
-              ("adversary", out["adversary"] in ADVERSARIES, f"one of {ADVERSARIES}"),
-              ("beta_schedule", out["beta_schedule"] in BETA_SCHEDULES, f"one of {BETA_SCHEDULES}"),
-              ("beta_start", 0 <= float(out["beta_start"]) <= 1, "a number in [0, 1]"),
-              ("adv_warmup_steps", isinstance(out["adv_warmup_steps"], int) and out["adv_warmup_steps"] >= 0,
-               "an integer >= 0"),
-              ("anchor_fkl", float(out["anchor_fkl"]) >= 0, "a number >= 0"),
-              ("pg_normalize", isinstance(out["pg_normalize"], bool), "true or false"),
-              ("chunk_size", isinstance(out["chunk_size"], int) and out["chunk_size"] >= 1, "an integer >= 1")]
-    for key, ok, want in checks:
-        if not ok:
-            raise ValueError(f"loss.params.{key}={out[key]!r} for loss 'amm' must be {want}")
-    return out

@@ -25,12 +25,13 @@ value in one unchunked pass with ordinary autograd, for comparisons.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
 
 from learner.constants import DEFAULT_CHUNK_SIZE, TAIL_LOG_FLOOR
+from learner.loss_params import parse_loss_params
 from learner.teacher_signal import TeacherSignal, TopKSignal
 
 PAD_LOGPROB_THRESHOLD = -1e3  # a top-k slot with a teacher logprob at or below this is padding
@@ -285,51 +286,27 @@ def sft(student_logits, teacher: Optional[TeacherSignal], mask, *, labels,
 
 # ----------------------------------------------------------------------------- registry
 
-def _check_unit(name: str, value: Any, *, closed_right: bool) -> None:
-    hi = "]" if closed_right else ")"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number in [0, 1{hi}, got {value!r}")
-    if not (0.0 <= value <= 1.0) or (not closed_right and value == 1.0):
-        raise ValueError(f"{name} must be in [0, 1{hi}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class LossSpec:
-    """A registered loss: its function, parameter defaults and whether it needs labels."""
+    """A registered loss: its function and whether it needs labels. Its parameters are typed
+    in ``learner.loss_params`` (``LOSS_PARAMS[name]``)."""
 
     name: str
     fn: Callable
-    defaults: dict = field(default_factory=dict)
     needs_labels: bool = False
 
     def resolve_params(self, params: Optional[dict]) -> dict:
-        """Defaults merged with ``params`` (plus ``chunk_size``), validated."""
-        allowed = {"chunk_size": DEFAULT_CHUNK_SIZE, **self.defaults}
-        params = dict(params or {})
-        for key in params:
-            if key not in allowed:
-                raise ValueError(f"unknown parameter {key!r} for loss {self.name!r}; "
-                                 f"allowed: {sorted(allowed)}")
-        out = {**allowed, **params}
-        if "beta" in out:
-            _check_unit(f"{self.name}.beta", out["beta"], closed_right=True)
-            out["beta"] = float(out["beta"])
-        if "alpha" in out:
-            _check_unit(f"{self.name}.alpha", out["alpha"], closed_right=False)
-            out["alpha"] = float(out["alpha"])
-        cs = out["chunk_size"]
-        if isinstance(cs, bool) or not isinstance(cs, int) or cs < 1:
-            raise ValueError(f"{self.name}.chunk_size must be an integer >= 1, got {cs!r}")
-        return out
+        """``params`` with the defaults filled in, validated (LossParamsError naming the field)."""
+        return parse_loss_params(self.name, params).model_dump()
 
 
 LOSSES: dict[str, LossSpec] = {s.name: s for s in [
     LossSpec("forward_kl", forward_kl),
     LossSpec("reverse_kl", reverse_kl),
-    LossSpec("generalized_jsd", generalized_jsd, {"beta": 0.5}),
+    LossSpec("generalized_jsd", generalized_jsd),
     LossSpec("tv_distance", tv_distance),
-    LossSpec("skew_forward_kl", skew_forward_kl, {"alpha": 0.1}),
-    LossSpec("skew_reverse_kl", skew_reverse_kl, {"alpha": 0.1}),
+    LossSpec("skew_forward_kl", skew_forward_kl),
+    LossSpec("skew_reverse_kl", skew_reverse_kl),
     LossSpec("sft", sft, needs_labels=True),
 ]}
 

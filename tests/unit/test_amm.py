@@ -5,8 +5,7 @@ import itertools
 import pytest
 import torch
 
-from learner.amm import (QHead, StudentInputs, adversary_step, moment_gap, resolve_amm_params,
-                         returns_to_go, baseline, student_loss)
+from learner.amm import QHead, StudentInputs, adversary_step, moment_gap, returns_to_go, baseline, student_loss
 from learner.teacher_signal import TopKSignal, tail_logmass_from_topk
 
 
@@ -212,16 +211,6 @@ def test_student_surrogate_matches_a_naive_second_implementation():
     w_pg = torch.where(on[:, None], torch.tensor((1 - beta) / 2, dtype=torch.float64), 0.0) / length * ratio * (G - b) * mask
     want = torch.autograd.grad((w_direct * gap + w_pg * logq).sum(), x2)[0]
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-9)
-
-
-def test_resolve_amm_params():
-    assert resolve_amm_params({})["beta"] == 0.5
-    with pytest.raises(ValueError, match="unknown parameter 'betta'"):
-        resolve_amm_params({"betta": 0.5})
-    with pytest.raises(ValueError, match=r"loss.params.beta=1.5"):
-        resolve_amm_params({"beta": 1.5})
-    with pytest.raises(ValueError, match=r"loss.params.tail"):
-        resolve_amm_params({"tail": "drop"})
 
 
 def test_full_returns_are_unbiased_with_eos_and_to_go_is_not():

@@ -14,8 +14,9 @@ import io
 import pytest
 import torch
 
-from learner.amm import _value_rows, adversary_step, log_ratio, resolve_amm_params
+from learner.amm import _value_rows, adversary_step, log_ratio
 from learner.amm_heads import HEADS, AdversaryClass, QHead, head_parameter_count
+from learner.loss_params import AMMParams, parse_loss_params
 
 V, N = 6, 5  # tokens, states
 
@@ -78,14 +79,14 @@ def test_head_rank_is_validated_by_name_and_reaches_the_heads():
 
     for bad in (0, -1, 2.5, "8", True):
         with pytest.raises(ValueError, match="loss.params.head_rank"):
-            resolve_amm_params({"head_rank": bad})
+            parse_loss_params("amm", {"head_rank": bad})
     # The default head fits a real vocabulary: at hidden 2048 and V = 128256 (Llama 3) each of
     # the default objective's heads holds (hidden + V) r + V + 1 parameters, not hidden x V.
     hidden, vocab = 2048, 128256
     with torch.device("meta"):
         default = AMMObjective({}, hidden_size=hidden, vocab_size=vocab, device="meta")
     per_head = [sum(p.numel() for p in h.parameters()) for h in default.heads]
-    rank = resolve_amm_params({})["head_rank"]
+    rank = AMMParams().head_rank
     assert per_head == [(hidden + vocab) * rank + vocab + 1] * 2 and per_head[0] < 0.05 * hidden * vocab
     obj = AMMObjective({"head": "lowrank", "head_rank": 3}, hidden_size=8, vocab_size=V)
     assert [m.out_features for h in obj.heads for m in h.net if isinstance(m, torch.nn.Linear)] == [3, V, 3, V]
