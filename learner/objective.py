@@ -11,16 +11,17 @@ in here without touching the learner:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
 
-from learner.amm import (StudentInputs, adversary_step, adversary_values, oracle_values, true_distances,
-                         student_loss)
-from learner.amm_heads import AdversaryClass, QHead
+from learner.amm import ADVERSARIES, AMMSettings, GameInputs, StudentInputs, student_loss, true_distances
+from learner.amm_heads import QHead
 from learner.batch import LearnerBatch
 from learner.collectives import average_over_ranks
-from learner.loss_params import AMMParams, LossParams, parse_loss_params
+from learner.loss_params import parse_loss_params
 from learner.losses import forward_kl, get_loss
 from learner.schedule import make_lr_scheduler
 
@@ -54,27 +55,30 @@ class AMMObjective:
     """Adversarial moment matching (``learner.amm``): two Q-head adversaries and their optimiser.
 
     Per learner step: ``adv_steps`` ascent steps of the adversaries on the batch (student
-    detached), then the student's surrogate with the updated adversaries held fixed. Every rank
-    keeps a copy of the heads; their gradients are averaged over the learner group so the copies
-    stay identical, as DeepSpeed keeps the student's.
+    detached; ``adv_warmup_steps`` more on the first), then the student's surrogate with the
+    updated adversaries held fixed, plus ``anchor_fkl`` times forward KL. Every rank keeps a copy
+    of the heads; their gradients are averaged over the learner group so the copies stay
+    identical, as DeepSpeed keeps the student's. The variants (class, head, return estimator,
+    learned or oracle adversary) are objects built here once from the typed ``loss.params``.
     """
 
     needs_hidden = True
 
     def __init__(self, params: Any, *, hidden_size: int, vocab_size: int, device="cpu",
                  steps: int = 1, temperature: float = 1.0):
-        """``params``: AMMParams, or a mapping validated as ``loss.params`` of loss 'amm'."""
-        self.params: AMMParams = parse_loss_params("amm", params)
-        self.temperature = temperature  # the rollouts' sampling temperature (student_loss)
-        self.cls = AdversaryClass(self.params.adversary_class, self.params.chi2_lambda)
-        self.oracle = self.params.adversary == "oracle"
-        self.heads = tuple(QHead(hidden_size, vocab_size, self.params.head, cls=self.cls,
-                                 rank=self.params.head_rank).to(device) for _ in range(2))
-        self.optimizer = torch.optim.Adam([p for h in self.heads for p in h.parameters()],
-                                          lr=self.params.adv_lr)
+        """``params``: AMMParams, or a mapping validated as ``loss.params`` of loss 'amm';
+        ``temperature``: the rollouts' sampling temperature (``AMMSettings``)."""
+        p = self.params = parse_loss_params("amm", params)
+        self.settings = AMMSettings.from_params(p, temperature)
+        self.cls = self.settings.cls
+        # The heads exist for the oracle too, so a checkpoint's layout does not depend on it.
+        self.heads = tuple(QHead(hidden_size, vocab_size, p.head, cls=self.cls, rank=p.head_rank).to(device)
+                           for _ in range(2))
+        self.optimizer = torch.optim.Adam([w for h in self.heads for w in h.parameters()], lr=p.adv_lr)
         # One scheduler step per student step, over the job's learner steps.
-        self.scheduler = make_lr_scheduler(self.optimizer, self.params.adv_lr_schedule, steps)
+        self.scheduler = make_lr_scheduler(self.optimizer, p.adv_lr_schedule, steps)
         self.steps = steps
+        self.adversary = ADVERSARIES[p.adversary](self.heads, self.optimizer, average_over_ranks)
 
     @property
     def step(self) -> int:
@@ -90,39 +94,27 @@ class AMMObjective:
         return p.beta_start + (p.beta - p.beta_start) * frac
 
     def loss(self, out: Any, batch: LearnerBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        p, beta = self.params, self.beta()
+        p, settings = self.params, replace(self.settings, beta=self.beta())
         logits = batch.response_logits(out.logits)
         hidden = batch.response_logits(out.hidden_states[-1]).detach()
-        totals = batch.totals
+        game = GameInputs(logits, batch.teacher, batch.mask, batch.is_on_policy, hidden, batch.totals)
         ascents = p.adv_steps + (p.adv_warmup_steps if self.step == 0 else 0)
-        adv_losses = [] if self.oracle else [
-            adversary_step(self.heads, self.optimizer, hidden, logits, batch.teacher, batch.mask,
-                           batch.is_on_policy, beta, p.tail, average_over_ranks,
-                           p.chunk_size, totals)
-            for _ in range(ascents)]
-
-        def values_at(index):  # the updated adversaries (or the oracle), a chunk at a time
-            if self.oracle:
-                return oracle_values(self.cls, logits, batch.teacher, index)
-            return adversary_values(self.heads, hidden, logits, batch.teacher, batch.is_on_policy, index)
-        inputs = StudentInputs(batch.response_ids, batch.mask, batch.is_on_policy, batch.behavior_logprobs)
-        value, metrics = student_loss(logits, batch.teacher, values_at, inputs, beta, tail=p.tail,
-                                      baseline_kind=p.baseline, ratio_clip=p.ratio_clip,
-                                      returns=p.returns, pg_coef=p.pg_coef, cls=self.cls,
-                                      penalty_grad=p.penalty_grad, temperature=self.temperature,
-                                      totals=totals, pg_normalize=p.pg_normalize,
-                                      chunk_size=p.chunk_size)
-        if adv_losses:
+        adv_losses = [self.adversary.ascend(game, settings) for _ in range(ascents)]
+        inputs = StudentInputs(batch.response_ids, batch.mask, batch.is_on_policy, batch.behavior_logprobs,
+                               batch.totals)
+        # The updated adversaries' (or the oracle's) values, a chunk at a time.
+        value, metrics = student_loss(logits, batch.teacher, partial(self.adversary.values, game), inputs,
+                                      settings)
+        if adv_losses and adv_losses[-1] is not None:
             metrics["adversary_loss"] = adv_losses[-1]
         if p.beta_schedule != "constant":
-            metrics["beta"] = beta
+            metrics["beta"] = settings.beta
         if p.anchor_fkl > 0:  # reported apart, so the AMM-only loss stays visible
             anchor = forward_kl(logits, batch.teacher, batch.mask, chunk_size=p.chunk_size)
             metrics["anchor_fkl"] = float(anchor.detach())
             value = value + p.anchor_fkl * anchor
         # What a perfect adversary of the class would measure, beside the learned distances.
-        metrics.update(true_distances(logits, batch.teacher, batch.mask, batch.is_on_policy, self.cls,
-                                      p.tail, totals, p.chunk_size))
+        metrics.update(true_distances(game, settings))
         return value, metrics
 
     def after_student_step(self, out: Any, batch: LearnerBatch) -> None:

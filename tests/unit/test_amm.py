@@ -5,14 +5,17 @@ import itertools
 import pytest
 import torch
 
-from learner.amm import QHead, StudentInputs, adversary_step, moment_gap, returns_to_go, baseline, student_loss
+from learner.amm import (AMMSettings, GameInputs, QHead, StudentInputs, adversary_step, moment_gap, returns_to_go,
+                         baseline, student_loss)
+from learner.amm_returns import BASELINES, RETURNS, ReturnsToGo
+from learner.constants import TAIL_LOG_FLOOR
 from learner.teacher_signal import TopKSignal, tail_logmass_from_topk
 
 
 def topk_of(teacher_logits, k):
     lp = torch.log_softmax(teacher_logits.double(), -1)
     vals, ids = lp.topk(k, dim=-1)
-    tail = tail_logmass_from_topk(vals).clamp(min=-69)
+    tail = tail_logmass_from_topk(vals).clamp(min=TAIL_LOG_FLOOR)
     return TopKSignal(ids, vals.to(teacher_logits.dtype), tail.to(teacher_logits.dtype))
 
 
@@ -71,7 +74,7 @@ def test_trained_adversary_reaches_98_percent_of_l1():
     heads = (QHead(hidden, v), QHead(hidden, v))
     opt = torch.optim.Adam([p for hd in heads for p in hd.parameters()], lr=0.05)
     for _ in range(400):
-        adversary_step(heads, opt, h, s, t, mask, on, beta=0.0, tail="student_mean")
+        adversary_step(heads, opt, GameInputs(s, t, mask, on, h), AMMSettings(beta=0.0, tail="student_mean"))
     l1 = (torch.softmax(t, -1) - torch.softmax(s, -1)).abs().sum(-1).mean()
     reached = moment_gap(s, t, heads[0](h), mask).mean()
     assert reached >= 0.98 * l1, (float(reached), float(l1))
@@ -149,8 +152,8 @@ def mc_gradient(theta0, teacher, f, responses, batches, gen, returns, baseline_k
         y, m, s = ids[pick], mask[pick], states[pick]
         behavior = torch.log_softmax(theta0[s], -1).gather(2, y[..., None])[..., 0]
         batch = StudentInputs(y, m, torch.ones(64, dtype=torch.bool), behavior)
-        loss, _ = student_loss(th[s], teacher[s], f[s], batch, beta=0.0, returns=returns,
-                               baseline_kind=baseline_kind, chunk_size=50)
+        estimator = RETURNS[returns](BASELINES[baseline_kind]())
+        loss, _ = student_loss(th[s], teacher[s], f[s], batch, AMMSettings(beta=0.0, estimator=estimator, chunk_size=50))
         grads.append(torch.autograd.grad(loss, th)[0])
     grads = torch.stack(grads)
     return grads.mean(0), grads.std(0) / len(grads) ** 0.5
@@ -174,7 +177,7 @@ def test_off_policy_gradient_is_the_direct_gradient_of_d_off():
     ids = torch.zeros(3, 4, dtype=torch.long)
     batch = StudentInputs(ids, mask, torch.zeros(3, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.float64))
     x = s.clone().requires_grad_(True)
-    loss, metrics = student_loss(x, t, f, batch, beta=1.0, chunk_size=2)
+    loss, metrics = student_loss(x, t, f, batch, AMMSettings(beta=1.0, chunk_size=2))
     got = torch.autograd.grad(loss, x)[0]
     x2 = s.clone().requires_grad_(True)
     gap = moment_gap(x2, t, f, mask)
@@ -194,8 +197,8 @@ def test_student_surrogate_matches_a_naive_second_implementation():
     behavior = torch.log_softmax(rand(3, 4, 6, seed=24), -1).gather(2, ids[..., None])[..., 0]
     sig, beta = topk_of(t, 3), 0.3
     x = s.clone().requires_grad_(True)
-    loss, _ = student_loss(x, sig, f, StudentInputs(ids, mask, on, behavior), beta, chunk_size=2,
-                           returns="to_go")
+    loss, _ = student_loss(x, sig, f, StudentInputs(ids, mask, on, behavior),
+                           AMMSettings(beta, chunk_size=2, estimator=ReturnsToGo()))
     got = torch.autograd.grad(loss, x)[0]
 
     x2 = s.clone().requires_grad_(True)
@@ -235,7 +238,7 @@ def test_chunked_adversary_step_and_callable_values_match_whole_batch():
         torch.manual_seed(0)
         heads = (QHead(16, 7, "logratio"), QHead(16, 7, "logratio"))
         opt = torch.optim.Adam([p for hd in heads for p in hd.parameters()], lr=0.1)
-        loss = adversary_step(heads, opt, h, s, t, mask, on, 0.4, "student_mean", chunk_size=chunk)
+        loss = adversary_step(heads, opt, GameInputs(s, t, mask, on, h), AMMSettings(0.4, "student_mean", chunk_size=chunk))
         results.append((loss, [p.detach().clone() for hd in heads for p in hd.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
@@ -248,7 +251,8 @@ def test_chunked_adversary_step_and_callable_values_match_whole_batch():
         full[everywhere] = adversary_values(heads, h, s, t, on, everywhere)
     batch = StudentInputs(torch.zeros(3, 5, dtype=torch.long), mask, on, torch.zeros(3, 5))
     x1, x2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
-    l1, _ = student_loss(x1, t, full, batch, 0.4, chunk_size=3)
-    l2, _ = student_loss(x2, t, lambda idx: adversary_values(heads, h, x2, t, on, idx), batch, 0.4, chunk_size=3)
+    l1, _ = student_loss(x1, t, full, batch, AMMSettings(0.4, chunk_size=3))
+    l2, _ = student_loss(x2, t, lambda idx: adversary_values(heads, h, x2, t, on, idx), batch,
+                         AMMSettings(0.4, chunk_size=3))
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(torch.autograd.grad(l1, x1)[0], torch.autograd.grad(l2, x2)[0])

@@ -11,8 +11,9 @@
 import pytest
 import torch
 
-from learner.amm import (AdversaryClass, QHead, StudentInputs, adversary_step, log_ratio, moment_gap,
-                         oracle_values, student_loss, true_distances)
+from learner.amm import (AMMSettings, BoundedClass, Chi2Class, GameInputs, QHead, StudentInputs, adversary_step,
+                         log_ratio, moment_gap, oracle_values, student_loss, true_distances)
+from learner.amm_returns import FullReturns, NoBaseline
 from learner.teacher_signal import TopKSignal
 
 V = 6
@@ -33,14 +34,14 @@ def test_learned_chi2_head_reaches_the_analytic_best_response():
     n = 5  # states, one row each position
     s, t = rand(1, n, V, seed=1), rand(1, n, V, seed=2)
     hidden = torch.eye(n, dtype=torch.float64)[None]  # tabular: a one-hot state
-    cls = AdversaryClass("chi2", lam)
+    cls = Chi2Class(lam)
     torch.manual_seed(0)
     heads = tuple(QHead(n, V, "linear", cls=cls).double() for _ in range(2))
     opt = torch.optim.Adam([p for h in heads for p in h.parameters()], lr=0.05)
     decay = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.999)  # settle onto the optimum
     mask, off = torch.ones(1, n, dtype=torch.bool), torch.tensor([False])
     for _ in range(4000):
-        adversary_step(heads, opt, hidden, s, t, mask, off, beta=1.0, tail="student_mean")
+        adversary_step(heads, opt, GameInputs(s, t, mask, off, hidden), AMMSettings(beta=1.0, tail="student_mean"))
         decay.step()
     p, q = torch.softmax(t, -1), torch.softmax(s, -1)
     best = (p / q - 1) / (2 * lam)
@@ -56,8 +57,8 @@ def test_student_gradient_at_the_chi2_optimum(penalty_grad):
     p, q = torch.softmax(t, -1), torch.softmax(s, -1)
     best = (p / q - 1) / (2 * lam)
     x = s.clone().requires_grad_(True)
-    loss, metrics = student_loss(x, t, best, off_policy(2, 3), beta=1.0, cls=AdversaryClass("chi2", lam),
-                                 penalty_grad=penalty_grad)
+    loss, metrics = student_loss(x, t, best, off_policy(2, 3), AMMSettings(beta=1.0, cls=Chi2Class(lam),
+                                                                          penalised=penalty_grad == "full"))
     got = torch.autograd.grad(loss, x)[0]
     weight = 1 / (2 * 3)  # 1/|y| per position, over 2 rows
     if penalty_grad == "detached":  # forward KL's direction
@@ -75,13 +76,13 @@ def test_oracle_bounded_values_and_true_distances():
     p, q = torch.softmax(t, -1), torch.softmax(s, -1)
     mask, on = torch.ones(2, 4, dtype=torch.bool), torch.tensor([True, False])
     rows, cols = mask.nonzero(as_tuple=True)
-    f = oracle_values(AdversaryClass(), s, t, (rows, cols)).reshape(2, 4, V)
+    f = oracle_values(BoundedClass(), s, t, (rows, cols)).reshape(2, 4, V)
     torch.testing.assert_close(f, torch.sign(p - q))
     l1 = (p - q).abs().sum(-1).mean(-1)
-    got = true_distances(s, t, mask, on, AdversaryClass(), "student_mean")
+    got = true_distances(GameInputs(s, t, mask, on), AMMSettings(0.5, "student_mean", cls=BoundedClass()))
     assert got["d_on_true"] == pytest.approx(float(l1[0])) and got["d_off_true"] == pytest.approx(float(l1[1]))
     lam = 2.0
-    chi = true_distances(s, t, mask, on, AdversaryClass("chi2", lam), "student_mean")
+    chi = true_distances(GameInputs(s, t, mask, on), AMMSettings(0.5, "student_mean", cls=Chi2Class(lam)))
     want = ((p - q) ** 2 / q).sum(-1).mean(-1) / (4 * lam)
     assert chi["d_on_true"] == pytest.approx(float(want[0]))
 
@@ -114,9 +115,9 @@ def test_uneven_rank_split_matches_the_single_rank_loss():
     lp = torch.log_softmax(s, -1).gather(-1, ids[..., None])[..., 0]
 
     def loss(rows, totals=None):
-        batch = StudentInputs(ids[rows], mask[rows], on[rows], lp[rows])
+        batch = StudentInputs(ids[rows], mask[rows], on[rows], lp[rows], totals)
         x = s[rows].clone().requires_grad_(True)
-        value, _ = student_loss(x, t[rows], f[rows], batch, beta=0.5, baseline_kind="none", totals=totals)
+        value, _ = student_loss(x, t[rows], f[rows], batch, AMMSettings(beta=0.5, estimator=FullReturns(NoBaseline())))
         return value
     whole = loss(list(range(n)))
     totals = (int(on.sum()), int((~on).sum()), 2)
@@ -137,17 +138,18 @@ def test_fresh_rows_at_a_sampling_temperature_have_ratio_one(temperature):
     on, mask = torch.tensor([True, True]), torch.ones(2, 3, dtype=torch.bool)
     batch = StudentInputs(ids, mask, on, mu)
     x = s.clone().requires_grad_(True)
-    loss, _ = student_loss(x, t, f, batch, beta=0.0, ratio_clip=1.5, temperature=temperature,
-                           baseline_kind="none")
+    loss, _ = student_loss(x, t, f, batch, AMMSettings(beta=0.0, ratio_clip=1.5, temperature=temperature,
+                                                       estimator=FullReturns(NoBaseline())))
     got = torch.autograd.grad(loss, x)[0]
     # The same with a clip of 1 (ratio capped at 1): identical only if every ratio is exactly 1.
     x2 = s.clone().requires_grad_(True)
-    loss2, _ = student_loss(x2, t, f, batch, beta=0.0, ratio_clip=1.0, temperature=temperature,
-                            baseline_kind="none")
+    loss2, _ = student_loss(x2, t, f, batch, AMMSettings(beta=0.0, ratio_clip=1.0, temperature=temperature,
+                                                         estimator=FullReturns(NoBaseline())))
     torch.testing.assert_close(got, torch.autograd.grad(loss2, x2)[0], atol=1e-12, rtol=0)
     if temperature != 1.0:  # at T = 1 the learner's q is not the behaviour policy
         x3 = s.clone().requires_grad_(True)
-        loss3, _ = student_loss(x3, t, f, batch, beta=0.0, ratio_clip=1.5, baseline_kind="none")
+        loss3, _ = student_loss(x3, t, f, batch, AMMSettings(beta=0.0, ratio_clip=1.5,
+                                                             estimator=FullReturns(NoBaseline())))
         assert not torch.allclose(torch.autograd.grad(loss3, x3)[0], got)
 
 
@@ -231,7 +233,8 @@ def test_normalised_policy_gradient_does_not_follow_the_gaps_scale():
 
     def grad(values, pg_coef, normalize=True):
         x = s.clone().requires_grad_(True)
-        loss, _ = student_loss(x, t, values, batch, beta=0.0, pg_coef=pg_coef, pg_normalize=normalize)
+        loss, _ = student_loss(x, t, values, batch, AMMSettings(beta=0.0, pg_coef=pg_coef,
+                                                             estimator=FullReturns(normalize=normalize)))
         return torch.autograd.grad(loss, x)[0]
     pg = grad(f, 1.0) - grad(f, 0.0)
     torch.testing.assert_close(grad(10 * f, 1.0) - grad(10 * f, 0.0), pg, atol=1e-7, rtol=0)  # eps 1e-8

@@ -14,8 +14,8 @@ import io
 import pytest
 import torch
 
-from learner.amm import _value_rows, adversary_step, log_ratio
-from learner.amm_heads import HEADS, AdversaryClass, QHead, head_parameter_count
+from learner.amm import AMMSettings, GameInputs, _value_rows, adversary_step, log_ratio
+from learner.amm_heads import HEADS, AdversaryClass, BoundedClass, Chi2Class, QHead, head_parameter_count
 from learner.loss_params import AMMParams, parse_loss_params
 
 V, N = 6, 5  # tokens, states
@@ -45,7 +45,7 @@ def tabular_value(kind: str, cls: AdversaryClass, rank: int, steps: int) -> tupl
     heads = tuple(QHead(N, V, kind, cls=cls, rank=rank).double() for _ in range(2))
     opt = torch.optim.Adam([p for h in heads for p in h.parameters()], lr=0.05)
     for _ in range(steps):
-        adversary_step(heads, opt, hidden, s, t, mask, off, beta=1.0, tail="student_mean")
+        adversary_step(heads, opt, GameInputs(s, t, mask, off, hidden), AMMSettings(beta=1.0, tail="student_mean"))
     ratio = log_ratio(s[0], t[0])
     with torch.no_grad():
         f = heads[1](hidden[0], ratio if heads[1].needs_log_ratio else None)
@@ -55,7 +55,7 @@ def tabular_value(kind: str, cls: AdversaryClass, rank: int, steps: int) -> tupl
 
 
 def test_chi2_low_rank_heads_reach_the_best_response_as_logratio_does():
-    cls = AdversaryClass("chi2", 0.5)
+    cls = Chi2Class(0.5)
     current, best = tabular_value("logratio", cls, 64, 200)
     assert current == pytest.approx(best, rel=1e-3)
     # The feature reaches (p/q - 1)/(2 lam) at rank 2 < N; alone, a low rank needs r >= N.
@@ -66,7 +66,7 @@ def test_chi2_low_rank_heads_reach_the_best_response_as_logratio_does():
 
 def test_bounded_low_rank_heads_reach_the_l1_distance_as_logratio_does():
     """tanh only approaches sign(p - q): the value tends to sum |p - q| from below."""
-    cls = AdversaryClass("bounded")
+    cls = BoundedClass()
     current, best = tabular_value("logratio", cls, 64, 300)
     new, _ = tabular_value("logratio_lowrank", cls, 2, 300)
     assert current >= 0.99 * best and new >= 0.99 * best
@@ -96,7 +96,7 @@ def test_head_rank_is_validated_by_name_and_reaches_the_heads():
 
 
 def test_low_rank_head_starts_at_zero():
-    head = QHead(8, V, "logratio_lowrank", cls=AdversaryClass("chi2"), rank=3).double()
+    head = QHead(8, V, "logratio_lowrank", cls=Chi2Class(), rank=3).double()
     h, ratio = rand(4, 8, seed=3), torch.zeros(4, V, dtype=torch.float64)
     assert head(h, ratio).abs().max() == 0  # W2 = 0, b = 0, and feature(0) = 0
 
