@@ -160,6 +160,24 @@ def _select(side: Any, index: tuple) -> Any:
     return side if side is None else side[index]
 
 
+@dataclass(frozen=True)
+class _Reduction:
+    """How ``_reduce`` goes over the masked positions."""
+
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    mean: bool = True    # divide the sum by the number of positions
+    naive: bool = False  # one unchunked pass with ordinary autograd, for comparisons
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """The masked positions, the chunk size, and the factor the sum is scaled by."""
+
+    positions: tuple[torch.Tensor, ...]
+    size: int
+    scale: float
+
+
 class _ChunkedMean(torch.autograd.Function):
     """Sum of a per-position loss and its gradient, computed one chunk of positions at a time.
 
@@ -171,11 +189,12 @@ class _ChunkedMean(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, per_position, side, positions, chunk_size, scale, params):
+    def forward(ctx, student_logits, per_position, side, chunks: _Chunks, params):
         grad = torch.zeros_like(student_logits) if student_logits.requires_grad else None
         total = torch.zeros((), dtype=compute_dtype(student_logits), device=student_logits.device)
-        for start in range(0, positions[0].numel(), chunk_size):
-            index = tuple(p[start:start + chunk_size] for p in positions)
+        scale = chunks.scale
+        for start in range(0, chunks.positions[0].numel(), chunks.size):
+            index = tuple(p[start:start + chunks.size] for p in chunks.positions)
             x = student_logits[index].detach()
             if grad is None:
                 total = total + per_position(x, _select(side, index), **params).sum()
@@ -195,13 +214,14 @@ class _ChunkedMean(torch.autograd.Function):
         # The usual call sees grad_out == 1: hand the buffer itself on, so autograd adopts it
         # as the gradient (the saved reference is released first) instead of copying it.
         if bool(grad_out == 1):
-            return grad, None, None, None, None, None, None
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None
+            return grad, None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None
 
 
 def _reduce(per_position: Callable, student_logits: torch.Tensor, side: Any, mask: torch.Tensor,
-            chunk_size: int, params: dict, *, mean: bool, naive: bool = False) -> torch.Tensor:
-    """Sum (or mean) of ``per_position`` over masked positions: chunked unless ``naive``.
+            params: dict, how: _Reduction) -> torch.Tensor:
+    """Sum (or mean) of ``per_position(rows, side_rows, **params)`` over masked positions:
+    chunked unless ``how.naive``.
 
     An empty mask gives a zero that is still attached to the graph.
     """
@@ -209,10 +229,11 @@ def _reduce(per_position: Callable, student_logits: torch.Tensor, side: Any, mas
     n = positions[0].numel()
     if n == 0:
         return student_logits.reshape(-1)[:0].to(compute_dtype(student_logits)).sum()
-    scale = 1.0 / n if mean else 1.0
-    if naive:
+    scale = 1.0 / n if how.mean else 1.0
+    if how.naive:
         return per_position(student_logits[positions], _select(side, positions), **params).sum() * scale
-    return _ChunkedMean.apply(student_logits, per_position, side, positions, chunk_size, scale, params)
+    chunks = _Chunks(positions, how.chunk_size, scale)
+    return _ChunkedMean.apply(student_logits, per_position, side, chunks, params)
 
 
 def chunked_sum(per_position: Callable, student_logits: torch.Tensor, side: Any,
@@ -222,13 +243,13 @@ def chunked_sum(per_position: Callable, student_logits: torch.Tensor, side: Any,
     ``per_position`` maps [n, V] logits (and the matching rows of ``side``) to [n] values; the
     gradient with respect to ``student_logits`` is built chunk by chunk (see _ChunkedMean).
     """
-    return _reduce(per_position, student_logits, side, mask, chunk_size, params, mean=False)
+    return _reduce(per_position, student_logits, side, mask, params, _Reduction(chunk_size, mean=False))
 
 
 def _masked_mean(per_position: Callable, student_logits: torch.Tensor, side: Any,
-                 mask: torch.Tensor, chunk_size: int, naive: bool, **params) -> torch.Tensor:
-    """Mean of ``per_position`` over masked positions: chunked (see _ChunkedMean) unless naive."""
-    return _reduce(per_position, student_logits, side, mask, chunk_size, params, mean=True, naive=naive)
+                 mask: torch.Tensor, how: _Reduction, **params) -> torch.Tensor:
+    """Mean of ``per_position`` over masked positions: chunked (see _ChunkedMean) unless ``how.naive``."""
+    return _reduce(per_position, student_logits, side, mask, params, how)
 
 
 # ----------------------------------------------------------------------------- the losses
@@ -236,13 +257,15 @@ def _masked_mean(per_position: Callable, student_logits: torch.Tensor, side: Any
 def forward_kl(student_logits, teacher: TeacherSignal, mask, *, chunk_size=DEFAULT_CHUNK_SIZE,
                naive=False):
     """KL(p||q) = sum_v p (log p - log q), mean over masked positions."""
-    return _masked_mean(_per_position_forward_kl, student_logits, teacher, mask, chunk_size, naive)
+    return _masked_mean(_per_position_forward_kl, student_logits, teacher, mask,
+                        _Reduction(chunk_size, naive=naive))
 
 
 def reverse_kl(student_logits, teacher: TeacherSignal, mask, *, chunk_size=DEFAULT_CHUNK_SIZE,
                naive=False):
     """KL(q||p) = sum_v q (log q - log p), mean over masked positions."""
-    return _masked_mean(_per_position_reverse_kl, student_logits, teacher, mask, chunk_size, naive)
+    return _masked_mean(_per_position_reverse_kl, student_logits, teacher, mask,
+                        _Reduction(chunk_size, naive=naive))
 
 
 def generalized_jsd(student_logits, teacher: TeacherSignal, mask, *, beta=0.5,
@@ -251,28 +274,29 @@ def generalized_jsd(student_logits, teacher: TeacherSignal, mask, *, beta=0.5,
 
     beta = 0 is defined as KL(p||q) and beta = 1 as KL(q||p) (GKD's convention).
     """
-    return _masked_mean(_per_position_generalized_jsd, student_logits, teacher, mask, chunk_size,
-                        naive, beta=beta)
+    return _masked_mean(_per_position_generalized_jsd, student_logits, teacher, mask,
+                        _Reduction(chunk_size, naive=naive), beta=beta)
 
 
 def tv_distance(student_logits, teacher: TeacherSignal, mask, *, chunk_size=DEFAULT_CHUNK_SIZE,
                 naive=False):
     """Total variation 1/2 sum_v |p - q|, mean over masked positions."""
-    return _masked_mean(_per_position_tv_distance, student_logits, teacher, mask, chunk_size, naive)
+    return _masked_mean(_per_position_tv_distance, student_logits, teacher, mask,
+                        _Reduction(chunk_size, naive=naive))
 
 
 def skew_forward_kl(student_logits, teacher: TeacherSignal, mask, *, alpha=0.1,
                     chunk_size=DEFAULT_CHUNK_SIZE, naive=False):
     """KL(p || alpha p + (1-alpha) q), mean over masked positions."""
-    return _masked_mean(_per_position_skew_forward_kl, student_logits, teacher, mask, chunk_size,
-                        naive, alpha=alpha)
+    return _masked_mean(_per_position_skew_forward_kl, student_logits, teacher, mask,
+                        _Reduction(chunk_size, naive=naive), alpha=alpha)
 
 
 def skew_reverse_kl(student_logits, teacher: TeacherSignal, mask, *, alpha=0.1,
                     chunk_size=DEFAULT_CHUNK_SIZE, naive=False):
     """KL(q || (1-alpha) p + alpha q), mean over masked positions."""
-    return _masked_mean(_per_position_skew_reverse_kl, student_logits, teacher, mask, chunk_size,
-                        naive, alpha=alpha)
+    return _masked_mean(_per_position_skew_reverse_kl, student_logits, teacher, mask,
+                        _Reduction(chunk_size, naive=naive), alpha=alpha)
 
 
 def sft(student_logits, teacher: Optional[TeacherSignal], mask, *, labels,
@@ -281,7 +305,8 @@ def sft(student_logits, teacher: Optional[TeacherSignal], mask, *, labels,
 
     ``labels`` is [B, T] int64; ``teacher`` is ignored.
     """
-    return _masked_mean(_per_position_sft, student_logits, labels, mask, chunk_size, naive)
+    return _masked_mean(_per_position_sft, student_logits, labels, mask,
+                        _Reduction(chunk_size, naive=naive))
 
 
 # ----------------------------------------------------------------------------- registry

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from learner.constants import TAIL_LOG_FLOOR
 from learner.losses import LOSSES, get_loss, reference_loss
 from learner.teacher_signal import TopKSignal, tail_logmass_from_topk
 
@@ -90,7 +91,7 @@ def topk_signal(teacher: torch.Tensor, k: int, *, dtype=torch.float32, pad: int 
     else:
         vals, ids = lp.topk(k, dim=-1)
     tail_lm = {"computed": tail_logmass_from_topk(vals),
-               "floor": torch.full(vals.shape[:-1], -69.0, dtype=torch.float64),
+               "floor": torch.full(vals.shape[:-1], TAIL_LOG_FLOOR, dtype=torch.float64),
                "-inf": torch.full(vals.shape[:-1], -math.inf, dtype=torch.float64)}[tail]
     if pad:
         vals = torch.cat([vals, torch.full((*vals.shape[:-1], pad), -1e4, dtype=vals.dtype)], -1)
