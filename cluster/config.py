@@ -5,13 +5,14 @@ instead of being silently ignored. ``load_config`` is the only entry point the C
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_serializer,
                       field_validator, model_validator)
 
+from cluster import yaml_strict
 from learner.loss_params import LossParams, params_model, parse_loss_params
 
 
@@ -20,7 +21,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: inf or nan is never a learning rate, temperature or resource amount.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # Ray's own resources have their own options (num_cpus, num_gpus, memory); only custom ones here.
@@ -237,8 +239,8 @@ class RayConfig(_Strict):
 
 
 class JobConfig(_Strict):
-    name: str = "local-cpu"
-    seed: int = 0
+    name: str = Field("local-cpu", description="the run's directory under output_dir: a plain name")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="every RNG of the job (numpy, torch, vLLM)")
     output_dir: str = "runs"
     models: ModelsConfig = ModelsConfig()
     data: DataConfig = DataConfig()
@@ -250,6 +252,25 @@ class JobConfig(_Strict):
     status: StatusConfig = StatusConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        # The name becomes <output_dir>/<name>: a path in it would put the run elsewhere.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+            raise ValueError(f"name={yaml_strict.shorten(repr(name), 60)} must be a plain name of letters, "
+                             f"digits, '.', '_' and '-' (no '/', not starting with '.'), at most 128 "
+                             f"characters: it names the run's directory under output_dir")
+        return name
+
+    @model_validator(mode="after")
+    def _batch_fits_buffer(self) -> "JobConfig":
+        rows = self.learner.micro_batch * self.learner.actors
+        if self.buffer.capacity_rows < rows:
+            raise ValueError(f"buffer.capacity_rows={self.buffer.capacity_rows} is below one learner "
+                             f"batch (learner.micro_batch x learner.actors = {rows} rows), so no step "
+                             f"could ever be sampled; raise buffer.capacity_rows to at least {rows}")
+        return self
 
     @model_validator(mode="after")
     def _models_come_in_pairs(self) -> "JobConfig":
@@ -269,7 +290,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"override {text!r} has an empty key")
-    return path, yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return path, None
+    try:
+        return path, yaml_strict.load(raw)
+    except yaml_strict.YamlProblem as err:
+        raise ConfigError(f"override {yaml_strict.shorten(repr(text), 80)}: its value {err}; write "
+                          f"the value as YAML (a list as [1, 2], a string in quotes)") from None
 
 
 def _apply(tree: dict, path: list[str], value: Any) -> None:
@@ -293,10 +320,9 @@ def _format_error(err: ValidationError) -> str:
                          f"(see configs/local-cpu.yaml for the known keys)")
         elif e["type"] == "value_error":
             # A validator's own message names its fields and the fix; pydantic's prefix does not help.
-            lines.append(str(e.get("ctx", {}).get("error", e["msg"])))
+            lines.append(yaml_strict.shorten(str(e.get("ctx", {}).get("error", e["msg"])), 400))
         else:
-            got = repr(e.get("input"))
-            got = got if len(got) <= 60 else got[:57] + "..."
+            got = yaml_strict.shorten(repr(e.get("input")), 60)
             lines.append(f"config field '{where}': {e['msg']} (got {got})")
     return "; ".join(lines)
 
@@ -316,16 +342,22 @@ def build_config(tree: dict, overrides: list[str] = ()) -> JobConfig:
 def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     """Read a YAML file and apply ``a.b=c`` overrides."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the path of a YAML config file "
+                          f"(e.g. configs/local-cpu.yaml)")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; give the path of a YAML config "
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise ConfigError(f"config file {path} {what}; give the path of a YAML config "
                           f"(e.g. configs/local-cpu.yaml)")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML: {what}{where}") from None
+        tree = yaml_strict.load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start} is "
+                          f"{err.object[err.start]:#04x}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror or type(err).__name__})") from None
+    except yaml_strict.YamlProblem as err:
+        raise ConfigError(f"config file {path} {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level (sections such as "
                           f"'learner:' and 'data:'), not a {type(tree).__name__}")
