@@ -27,71 +27,116 @@ class Prompt:
     text: str
     ids: list[int]
     reference: Optional[str]
+    where: str = ""  # "line 7" of a JSONL file, "row 7" of a table: what an error names
 
 
-def read_rows(path: str) -> list[dict[str, Any]]:
-    """Rows of a JSONL file, a Parquet file or a ``datasets.save_to_disk`` directory."""
+def numbered_rows(path: str) -> list[tuple[str, Any]]:
+    """(where, row) of a JSONL file, a Parquet file or a ``datasets.save_to_disk`` directory;
+    ``where`` is "line N" (JSONL: the file's own line, blank lines counted) or "row N"."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"data file {path} does not exist; check data.train and data.eval")
     if p.is_dir():
-        try:
-            from datasets import load_from_disk
-        except ImportError:
-            raise DataError(f"{path} is a directory; reading saved HF datasets needs "
-                            f"`pip install datasets`") from None
-        try:
-            ds = load_from_disk(str(p))
-        except (OSError, ValueError) as err:
-            raise DataError(f"{path} is a directory but not a saved HF dataset ({_first_line(err)}); "
-                            f"give a JSONL or Parquet file, or a datasets.save_to_disk directory") from None
-        return [dict(r) for r in (ds["train"] if hasattr(ds, "keys") else ds)]
+        return [(f"row {n}", r) for n, r in enumerate(_read_dataset_dir(p), 1)]
+    if not p.is_file():  # a FIFO or a device would block or never end
+        raise DataError(f"data file {path} is not a regular file; give a JSONL or Parquet file, or a "
+                        f"saved HF dataset directory")
     if p.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        try:
-            return pq.read_table(p).to_pylist()
-        except (pa.ArrowException, OSError, ValueError) as err:
-            raise DataError(f"{path} is not a readable Parquet file ({_first_line(err)}); give Parquet, "
-                            f"JSONL (one {{\"prompt\": ...}} per line) or a saved HF dataset dir") from None
+        return [(f"row {n}", r) for n, r in enumerate(_read_parquet(p), 1)]
+    return _read_jsonl(p)
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """Rows of a JSONL file, a Parquet file or a ``datasets.save_to_disk`` directory."""
+    return [row for _, row in numbered_rows(path)]
+
+
+def _read_dataset_dir(p: Path) -> list[dict[str, Any]]:
+    if not any((p / marker).is_file() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        raise DataError(f"{p} is a directory but not a saved HF dataset (no dataset_info.json, "
+                        f"state.json or dataset_dict.json); give a JSONL or Parquet file, or a "
+                        f"datasets.save_to_disk directory")
+    try:
+        from datasets import load_from_disk
+    except ImportError:
+        raise DataError(f"{p} is a saved HF dataset; reading it needs `pip install datasets`") from None
+    try:
+        ds = load_from_disk(str(p))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{p} is a directory but not a saved HF dataset ({_first_line(err)}); "
+                        f"give a JSONL or Parquet file, or a datasets.save_to_disk directory") from None
+    return [dict(r) for r in (ds["train"] if hasattr(ds, "keys") else ds)]
+
+
+def _read_parquet(p: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        return pq.read_table(p).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise DataError(f"{p} is not a readable Parquet file ({_first_line(err)}); give Parquet, "
+                        f"JSONL (one {{\"prompt\": ...}} per line) or a saved HF dataset dir") from None
+
+
+def _read_jsonl(p: Path) -> list[tuple[str, Any]]:
     rows = []
-    with p.open(encoding="utf-8") as f:
-        try:
+    try:
+        with p.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: line {n} is not valid JSON ({err.msg} at column "
-                                    f"{err.colno}); every line needs one object such as "
-                                    f"{{\"prompt\": \"...\"}}") from None
-        except UnicodeDecodeError:
-            raise DataError(f"{path} is not UTF-8 text; data files are JSONL (UTF-8), Parquet "
-                            f"(.parquet) or a saved HF dataset directory") from None
+                if line.strip():
+                    rows.append((f"line {n}", _json_line(p, n, line)))
+    except UnicodeDecodeError:
+        raise DataError(f"{p} is not UTF-8 text; data files are JSONL (UTF-8), Parquet "
+                        f"(.parquet) or a saved HF dataset directory") from None
+    except OSError as err:
+        raise DataError(f"{p} cannot be read ({err.strerror or type(err).__name__})") from None
     return rows
+
+
+def _json_line(p: Path, n: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{p}: line {n} is not valid JSON ({err.msg} at column {err.colno}); every "
+                        f"line needs one object such as {{\"prompt\": \"...\"}}") from None
+    except RecursionError:
+        raise DataError(f"{p}: line {n} is nested too deeply to be a data row; every line needs "
+                        f"one flat object such as {{\"prompt\": \"...\"}}") from None
 
 
 def load_prompts(path: str, tokenizer: Any, max_prompt_tokens: int, limit: Optional[int] = None) -> list[Prompt]:
     """Read and tokenise prompts, refusing rows without a prompt or longer than allowed."""
-    rows = read_rows(path)
+    rows = numbered_rows(path)
     if not rows:
         raise DataError(f"{path} holds no rows; give a file with one {{\"prompt\": ...}} per row")
     prompts = []
-    for n, row in enumerate(rows[:limit] if limit else rows, 1):
-        text = row.get("prompt") if isinstance(row, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise DataError(f"{path}: row {n} has no 'prompt' string (it has {keys}); every row "
-                            f"needs {{\"prompt\": \"...\"}}, \"response\" is optional")
+    for n, (where, row) in enumerate(rows[:limit] if limit else rows):
+        text = _prompt_text(path, where, row)
         ids = tokenizer(text)["input_ids"]
         if len(ids) > max_prompt_tokens:
-            raise DataError(f"{path}: row {n} has a prompt of {len(ids)} tokens, longer than "
+            raise DataError(f"{path}: {where} has a prompt of {len(ids)} tokens, longer than "
                             f"data.max_prompt_tokens={max_prompt_tokens}; shorten it or raise "
                             f"data.max_prompt_tokens (within the model's context length)")
         ref = row.get("response")
-        prompts.append(Prompt(n - 1, text, list(ids), ref if isinstance(ref, str) else None))
+        prompts.append(Prompt(n, text, list(ids), ref if isinstance(ref, str) else None, where))
     return prompts
+
+
+def _prompt_text(path: str, where: str, row: Any) -> str:
+    """The row's prompt string; DataError saying what is wrong with it otherwise."""
+    if not isinstance(row, dict):
+        raise DataError(f"{path}: {where} is a JSON {type(row).__name__}, not an object; every row "
+                        f"needs {{\"prompt\": \"...\"}}, \"response\" is optional")
+    text = row.get("prompt")
+    if isinstance(text, str) and not text.strip():
+        raise DataError(f"{path}: {where} has an empty 'prompt'; give it text or remove the row")
+    if not isinstance(text, str):
+        keys = [str(k)[:40] for k in sorted(row, key=str)[:10]]
+        got = (f"no 'prompt' string (it has {keys})" if "prompt" not in row
+               else f"a 'prompt' of type {type(text).__name__}, not a string")
+        raise DataError(f"{path}: {where} has {got}; every row needs {{\"prompt\": \"...\"}}, "
+                        f"\"response\" is optional")
+    return text
 
 
 def reference_rows(prompts: list[Prompt], tokenizer: Any, stop_id: int, max_response_tokens: int,
@@ -104,12 +149,12 @@ def reference_rows(prompts: list[Prompt], tokenizer: Any, stop_id: int, max_resp
     rows = []
     for p in prompts:
         if p.reference is None:
-            raise DataError(f"{path}: row {p.prompt_id + 1} has no 'response' string; "
+            raise DataError(f"{path}: {p.where} has no 'response' string; "
                             f"rollout.off_policy=dataset trains on the file's responses, so every "
                             f"row needs one (or set rollout.off_policy=teacher)")
         ids = tokenizer(p.reference, add_special_tokens=False)["input_ids"] + [stop_id]
         if len(ids) > max_response_tokens:
-            raise DataError(f"{path}: row {p.prompt_id + 1} has a response of {len(ids)} tokens "
+            raise DataError(f"{path}: {p.where} has a response of {len(ids)} tokens "
                             f"(with the stop token), longer than data.max_response_tokens="
                             f"{max_response_tokens}; shorten it or raise data.max_response_tokens")
         rows.append((p.prompt_id, p.ids, ids))
