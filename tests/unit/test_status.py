@@ -1,4 +1,5 @@
 """The status app: health decisions, Prometheus exposition, and the app served for real by uvicorn."""
+import json
 import math
 import time
 from collections import Counter
@@ -240,3 +241,42 @@ def test_job_status_health_uses_its_timeout():
     status.update(actors={"buffer": {"state": "alive", "last_seen_s": 6.0}})
     assert status.health() == ["buffer silent for 6 s (timeout 5 s)"]
     assert time.time() - status.snapshot()["updated_at"] < 5.0
+
+
+# --- issue 21: a snapshot per write, not per request; no schema routes; the Host header --------
+
+def test_readers_share_one_rendering_per_write_and_see_every_write():
+    status = JobStatus("t", total_steps=10)
+    status.update(step=1)
+    first = status.status_json()
+    assert status.status_json() is first and status.metrics_text() is status.metrics_text()
+    assert status.view() is status.view()
+    status.record_loss(1, {"loss": 0.5})
+    assert status.status_json() is not first and json.loads(status.status_json())["losses"] == {"loss": 0.5}
+    status.record_throughput(1, 10.0, 20.0)
+    assert json.loads(status.status_json())["throughput"][0]["learner_tokens_per_s"] == 10.0
+    status.update(step=2)
+    assert status.view()["step"] == 2 and "ammd_step 2.0" in status.metrics_text()
+
+
+def test_status_json_is_strict_json_when_a_loss_is_not_finite():
+    status = JobStatus("t", total_steps=10)
+    status.record_loss(1, {"loss": float("nan"), "grad_norm": float("inf")})
+    body = TestClient(make_app(status)).get("/status")
+    assert body.status_code == 200 and "NaN" not in body.text
+    assert body.json()["losses"] == {"loss": None, "grad_norm": None}
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc"])
+def test_schema_and_docs_routes_are_off(path):
+    assert TestClient(make_app(JobStatus("t", 10))).get(path).status_code == 404
+
+
+def test_a_foreign_host_header_is_refused():
+    """A DNS-rebinding page (evil.example resolving to 127.0.0.1) sends its own Host."""
+    from services.status import allowed_hosts
+    app = make_app(JobStatus("t", 10), allowed_hosts("127.0.0.1"))
+    assert TestClient(app, base_url="http://127.0.0.1:8000").get("/status").status_code == 200
+    assert TestClient(app, base_url="http://localhost:8000").get("/status").status_code == 200
+    assert TestClient(app, base_url="http://evil.example:8000").get("/status").status_code == 400
+    assert allowed_hosts("0.0.0.0") == ["*"] and "10.1.2.3" in allowed_hosts("10.1.2.3")
