@@ -66,12 +66,12 @@ def loop_probe() -> Iterator[list[dict]]:
 
     original, records = driver._train, []
 
-    def probed(trainer: Any, pump: Any, *args: Any, **kwargs: Any) -> None:
-        before = _counters(trainer)
+    def probed(job: Any, *args: Any, **kwargs: Any) -> None:
+        before = _counters(job.trainer)
         t0 = time.perf_counter()
-        original(trainer, pump, *args, **kwargs)
+        original(job, *args, **kwargs)
         wall = time.perf_counter() - t0
-        after = _counters(trainer)
+        after = _counters(job.trainer)
         records.append({"loop_seconds": wall, **{k: after[k] - before[k] for k in after}})
 
     driver._train = probed

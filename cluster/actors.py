@@ -168,20 +168,14 @@ def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: st
     return learners, pg
 
 
-def _where(_actor: Any = None) -> dict[str, str]:
-    """The Ray node this process runs on (run inside an actor through ``__ray_call__``)."""
-    ctx = ray.get_runtime_context()
-    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
-
-
 def placement(actors: Actors, timeout: float) -> dict[str, dict[str, str]]:
     """Where each actor runs: ``{name: {"node_id", "node_ip"}}`` for learner-i, student-i,
-    teacher-i (from their ``ping``) and the buffer (which has none: asked through Ray's
-    ``__ray_call__``). Raises GetTimeoutError if one does not answer within ``timeout`` s."""
+    teacher-i and the buffer, from their ``ping`` (services.liveness). Raises GetTimeoutError
+    if one does not answer within ``timeout`` s."""
     refs = {f"learner-{i}": a.ping.remote() for i, a in enumerate(actors.learners)}
     refs.update({f"student-{i}": a.ping.remote() for i, a in enumerate(actors.students)})
     refs.update({f"teacher-{i}": a.ping.remote() for i, a in enumerate(actors.teachers)})
-    refs["buffer"] = actors.buffer.__ray_call__.remote(_where)
+    refs["buffer"] = actors.buffer.ping.remote()
     answers = ray.get(list(refs.values()), timeout=timeout)
     return {name: {"node_id": a["node_id"], "node_ip": a["node_ip"]} for name, a in zip(refs, answers)}
 

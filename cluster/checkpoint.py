@@ -9,21 +9,33 @@ Layout under ``<output_dir>/<name>/checkpoints``:
     driver.json           step, weight version, metric history, evaluations, prompt-stream
                           positions, rollout counters, the config and the models' fingerprints
   latest                  the name of the newest complete checkpoint, written last
+    checksums.json        sha256 and size of every other file, written last inside it
 A checkpoint is assembled in ``.tmp-step-...``, renamed into place and only then named in
 ``latest``, so a crash mid-save leaves the previous checkpoint the one a resume uses.
+
+A checkpoint is code: DeepSpeed's state files are pickles, and unpickling runs whatever they
+say. So ``verify`` checks every file against ``checksums.json`` before anything of a resume or
+an export reads it, and refuses files that list does not name; ammd's own ``.pt`` files are read
+with ``weights_only=True``. Checkpoints are made readable by their owner only (0700/0600).
+Whoever can write into a run directory can still run code as whoever resumes it: keep run
+directories private.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from services.replay_buffer import write_durably
+from cluster import run_dir as run_dir_files
+from services.buffer_files import write_durably
 
 DRIVER_STATE = "driver.json"
+CHECKSUMS = "checksums.json"
+_BUFFER_SEGMENT = re.compile(r"buffer/segment-\d+\.arrow")
 
 # Config fields a resume must share with the checkpoint: they decide what the saved state
 # means (model shapes, optimiser sharding, the loss, the batch, the schedule's length).
@@ -61,6 +73,7 @@ def begin(root: Path, step: int) -> Path:
 def commit(root: Path, tmp: Path, step: int, state: dict, keep: int) -> Path:
     """Write the driver state into ``tmp``, move it into place, point ``latest`` at it, prune."""
     write_durably(tmp / DRIVER_STATE, json.dumps(state, indent=1, default=str).encode())
+    seal(tmp)
     final = root / step_name(step)
     if final.exists():  # a resumed job saving the same step again
         shutil.rmtree(final)
@@ -72,19 +85,79 @@ def commit(root: Path, tmp: Path, step: int, state: dict, keep: int) -> Path:
     return final
 
 
-def set_aside(run_dir: Path) -> Optional[Path]:
-    """A new (not resumed) job under a name that has checkpoints moves them out of its way,
-    to ``previous-<time>/checkpoints``: starting over must not mix two runs' checkpoints,
-    and must not delete what a forgotten ``--resume`` would have continued."""
-    import time
+def _files(path: Path) -> list[str]:
+    """Every file below ``path`` but the checksum list, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.relative_to(path).as_posix() != CHECKSUMS)
 
-    root = checkpoints_root(run_dir)
-    if not root.is_dir() or not any(root.iterdir()):
-        return None
-    dest = run_dir / time.strftime("previous-%Y%m%d-%H%M%S") / "checkpoints"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(root, dest)
-    return dest
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checksums(path: Path) -> dict[str, Any]:
+    return {"files": {rel: {"bytes": (path / rel).stat().st_size, "sha256": _sha256(path / rel)}
+                      for rel in _files(path)}}
+
+
+def seal(path: Path) -> None:
+    """Write ``checksums.json`` over every file of the checkpoint at ``path`` (its last write)
+    and make it private to its owner."""
+    write_durably(path / CHECKSUMS, json.dumps(_checksums(path), indent=1).encode())
+    make_private(path)
+
+
+def verify(path: Path) -> None:
+    """CheckpointError unless every file of checkpoint ``path`` is one ``checksums.json`` lists,
+    unchanged. Called before any file of it is deserialised (resume, export)."""
+    path = Path(path)
+    fix = ("use an older checkpoint of the run (write its step-... name into checkpoints/latest), "
+           "or start over without --resume")
+    try:
+        listed = json.loads((path / CHECKSUMS).read_text())["files"]
+        assert isinstance(listed, dict)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no {CHECKSUMS} (written by an older ammd, or "
+                              f"not by ammd), so its files cannot be verified before they are "
+                              f"unpickled; {fix}") from None
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise CheckpointError(f"checkpoint {path} is damaged: {path / CHECKSUMS} cannot be read; {fix}") from None
+    unlisted = sorted(set(_files(path)) - set(listed))
+    if unlisted:
+        raise CheckpointError(f"checkpoint {path} holds files its {CHECKSUMS} does not list "
+                              f"({', '.join(unlisted[:3])}); it was changed after it was written "
+                              f"and is not loaded; {fix}")
+    for rel, entry in listed.items():
+        file = path / rel
+        if not file.is_file() or file.is_symlink():
+            raise CheckpointError(f"checkpoint {path} is damaged: {file} is missing; {fix}")
+        if _BUFFER_SEGMENT.fullmatch(rel):
+            # Arrow rows, not a pickle: the buffer verifies each against its own (verified)
+            # manifest, skips a bad one and reports the rows lost, so a rotten segment costs
+            # its rows, not the whole checkpoint.
+            continue
+        if file.stat().st_size != entry.get("bytes") or _sha256(file) != entry.get("sha256"):
+            raise CheckpointError(f"checkpoint {path} is damaged: {file} differs from its checksum "
+                                  f"(corrupt or changed after it was written); {fix}")
+
+
+def make_private(path: Path) -> None:
+    """Directories 0700 and files 0600 below (and at) ``path``: a checkpoint is code to whoever
+    can write it, and its data is the user's."""
+    path.chmod(0o700)
+    for p in path.rglob("*"):
+        if not p.is_symlink():
+            p.chmod(0o700 if p.is_dir() else 0o600)
+
+
+def set_aside(run_dir: Path) -> Optional[Path]:
+    """A new (not resumed) job under a name that has checkpoints moves them out of its way, to
+    ``previous-<time>/checkpoints`` (cluster.run_dir.set_aside)."""
+    return run_dir_files.set_aside(checkpoints_root(run_dir))
 
 
 def latest(root: Path) -> Optional[Path]:

@@ -6,7 +6,7 @@
                                   --resume continues runs/<name> from its newest checkpoint
   ammd export RUN_OR_CHECKPOINT --out DIR
                                   write a checkpoint's student as a Hugging Face model dir
-  ammd check CONFIG [a.b=c ...] [--config-only]
+  ammd check CONFIG [a.b=c ...] [--config-only] [--resume]
                                   validate the config, models and data and print the
                                   resources the job needs; start nothing
   ammd toy [--root DIR]           build (or find cached) the tiny teacher, student and data
@@ -51,10 +51,10 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         s.add_argument("config", help="YAML config, e.g. configs/local-cpu.yaml")
         s.add_argument("overrides", nargs="*", default=[], help="a.b=c overrides, e.g. learner.steps=50")
-        if name == "run":
-            s.add_argument("--resume", action="store_true",
-                           help="continue runs/<name> from its newest complete checkpoint")
-        else:
+        s.add_argument("--resume", action="store_true",
+                       help="continue runs/<name> from its newest complete checkpoint" if name == "run"
+                       else "check the checkpoint a --resume would continue from too")
+        if name == "check":
             s.add_argument("--config-only", action="store_true",
                            help="check the config and print the resources it needs, without "
                                 "opening models or data (e.g. a GPU recipe on a laptop)")
@@ -76,22 +76,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check(config: str, overrides: list[str], config_only: bool = False) -> None:
-    from cluster.data import load_prompts
-    from cluster.driver import resolve_inputs
-    from cluster.models import check_models
+def _check(config: str, overrides: list[str], config_only: bool = False, resume: bool = False) -> None:
+    """What ``ammd run`` would refuse, refused here the same way (cluster.preflight); starts nothing."""
     from cluster.plan import describe_plan
+    from cluster.preflight import check_inputs
 
     cfg = load_config(config, overrides)
     print(f"config {config} is valid; the job asks for:\n{describe_plan(cfg)}")
     if config_only:
         print(f"models ({cfg.models.teacher}, {cfg.models.student}) and data not opened (--config-only)")
         return
-    cfg = resolve_inputs(cfg)
-    pair = check_models(cfg.models.teacher, cfg.models.student,
-                        cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
-    train = load_prompts(cfg.data.train, pair.tokenizer, cfg.data.max_prompt_tokens)
-    print(f"ok: {len(train)} prompts, vocab {pair.vocab_size}, loss {cfg.loss.name}")
+    inputs = check_inputs(cfg, resume)
+    print(f"ok: {len(inputs.train)} prompts, {len(inputs.evals)} evaluation prompts, vocab "
+          f"{inputs.pair.vocab_size}, loss {cfg.loss.name}"
+          + (f", resumes {inputs.resume_from}" if inputs.resume_from else ""))
 
 
 def _status(url: str | None, watch: float | None, as_json: bool) -> None:
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                     "wall_seconds")
             print(json.dumps({k: report[k] for k in keys}, indent=2))
         elif args.command == "check":
-            _check(args.config, args.overrides, args.config_only)
+            _check(args.config, args.overrides, args.config_only, args.resume)
         elif args.command == "status":
             _status(args.url, args.watch, args.json)
         elif args.command == "export":

@@ -18,45 +18,29 @@ that dies fails the job with the command that resumes it.
 from __future__ import annotations
 
 import os
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import ray
 
 from cluster import checkpoint, logs, tracking
-from cluster.actors import Actors, Rollouts, placement, rollout_factory, start_actors, stop_actors
+from cluster.actors import Rollouts, placement, rollout_factory, start_actors, stop_actors
 from cluster.config import ConfigError, JobConfig
-from cluster.data import DataError, load_prompts, reference_rows
+from cluster.events import EventLog, summary as events_summary
 from cluster.evaluate import greedy_score
-from cluster.models import check_models
+from cluster.preflight import JobInputs, check_inputs, resolve_inputs  # noqa: F401 - resolve_inputs re-exported
 from cluster.report import placement_summary, write_report
 from cluster.rollouts import RolloutPump, item_stream, prompt_stream
-from cluster.supervisor import ActorLostError, Supervisor
+from cluster.run_dir import make_private_dir, set_aside
+from cluster.supervisor import ActorLostError, Supervisor, first_line
 from cluster.trainer import Trainer
-from services.replay_buffer import copy_snapshot, spill_owner
+from services.buffer_files import clear_spill_dir, copy_snapshot
 from services.status import JobStatus, StatusServer
 
 
 log = logs.info  # one line on the ``ammd`` logger (cluster.logs)
-
-
-def resolve_inputs(cfg: JobConfig) -> JobConfig:
-    """Fill in the toy teacher/student and data when the config leaves them empty."""
-    if cfg.models.teacher is not None:
-        return cfg
-    from tasks.build import build_toy_world
-    from tasks.base import get_task
-
-    log(f"building the toy world (task {cfg.models.toy_task}) under {cfg.models.toy_root} (cached)")
-    world = build_toy_world(Path(cfg.models.toy_root), task=cfg.models.toy_task, seed=cfg.seed, log=log)
-    cfg = cfg.model_copy(deep=True)
-    cfg.models.teacher, cfg.models.student = str(world.teacher_dir), str(world.student_dir)
-    cfg.data.train = cfg.data.train or str(world.train_path)
-    cfg.data.eval = cfg.data.eval or str(world.test_path)
-    cfg.eval.metric = get_task(cfg.models.toy_task).metric
-    return cfg
 
 
 def init_ray(cfg: JobConfig) -> None:
@@ -79,6 +63,17 @@ def init_ray(cfg: JobConfig) -> None:
         start_reaper()  # kills this cluster's processes if the driver dies without shutdown
 
 
+@dataclass
+class Job:
+    """The running job's parts, handed together to the loop's helpers."""
+
+    inputs: JobInputs
+    trainer: Trainer
+    pump: RolloutPump
+    supervisor: Supervisor
+    trackers: tracking.Trackers
+
+
 def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = False,
             resume_hint: Optional[str] = None) -> dict[str, Any]:
     """Run one distillation job to the end and return its report.
@@ -88,84 +83,40 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
     ones and leaves them running. By default the job starts and stops its own.
     ``resume``: continue ``<output_dir>/<name>`` from its newest complete checkpoint.
     ``resume_hint``: the command that resumes this job, quoted when it fails.
+    Every input is checked (cluster.preflight) before a file is written or Ray starts.
     """
     started = time.time()
-    cfg = resolve_inputs(cfg)
-    pair = check_models(cfg.models.teacher, cfg.models.student,
-                        cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
-    train = load_prompts(cfg.data.train, pair.tokenizer, cfg.data.max_prompt_tokens)
-    evals = load_prompts(cfg.data.eval or cfg.data.train, pair.tokenizer, cfg.data.max_prompt_tokens,
-                         limit=cfg.data.eval_size)
-    references = None
-    if cfg.rollout.off_policy == "dataset":
-        references = reference_rows(train, pair.tokenizer, pair.stop_token_ids[0],
-                                    cfg.data.max_response_tokens, cfg.data.train)
-    missing = next((i for i, p in enumerate(evals, 1) if p.reference is None), None)
-    if missing is not None:
-        raise DataError(f"{cfg.data.eval or cfg.data.train}: row {missing} has no 'response'; the "
-                        f"evaluation prompts need one each (the reference the student is scored against)")
-    log(f"{len(train)} training prompts, {len(evals)} evaluation prompts, metric {cfg.eval.metric}")
-    run_dir = Path(cfg.output_dir).resolve() / cfg.name
-    fingerprints = {"teacher": checkpoint.fingerprint(cfg.models.teacher),
-                    "student": checkpoint.fingerprint(cfg.models.student)}
-    saved, resume_from = None, None
-    if resume:
-        resume_from = checkpoint.find_resumable(run_dir)
-        saved = checkpoint.load_state(resume_from)
-        checkpoint.check_compatible(saved, cfg.model_dump(), fingerprints)
-        log(f"resuming from {resume_from} (step {saved['trainer']['step']} of {cfg.learner.steps})")
-    elif (moved := checkpoint.set_aside(run_dir)) is not None:
-        log(f"starting {cfg.name} over: the checkpoints of its earlier run are kept in {moved} "
-            f"(ammd run ... --resume continues a run instead)")
-    spill_dir = _prepare_spill(cfg, run_dir, resume_from)
-    tracking.check(cfg)  # W&B asked for but not installed fails here, before Ray starts
-
-    init_ray(cfg)
+    inputs = check_inputs(cfg, resume)
+    cfg = inputs.cfg
+    log(f"{len(inputs.train)} training prompts, {len(inputs.evals)} evaluation prompts, metric {cfg.eval.metric}")
+    _prepare_run_dir(inputs)
     status = JobStatus(cfg.name, cfg.learner.steps, actor_timeout_s=cfg.ray.actor_timeout_s)
     status.update(metric=cfg.eval.metric)  # names the evaluation score for the page and `ammd status`
-    server = _start_status(status, cfg)
-    if server:
-        log(f"status at {server.url}/status")
+    server = _start_status(status, cfg)  # before Ray: a port problem costs no actor start
+    events = EventLog(inputs.run_dir)
+    if inputs.saved is not None:
+        events.record("resume", checkpoint=str(inputs.resume_from), step=inputs.saved["trainer"]["step"])
+    else:
+        events.record("start", steps=cfg.learner.steps)
+    init_ray(cfg)
     actors, trackers = None, None
     try:
-        trackers = tracking.start(cfg, run_dir, saved["trainer"]["history"] if saved is not None else None)
+        history = inputs.saved["trainer"]["history"] if inputs.saved is not None else None
+        trackers = tracking.start(cfg, inputs.run_dir, history)
         log("starting actors (buffer, rollout engines, learner group)")
-        actors = start_actors(cfg, pair, rollouts, spill_dir)
+        actors = start_actors(cfg, inputs.pair, rollouts, str(inputs.spill_dir) if inputs.spill_dir else None)
         where = placement(actors, cfg.ray.actor_timeout_s)
         status.update(placement=where)  # /status shows which node each actor runs on
         log(f"placement: {placement_summary(where)}")
-        trainer = Trainer(cfg, actors, status, run_dir, resume_hint or "ammd run CONFIG --resume", log)
-        supervisor = Supervisor(actors, rollout_factory(cfg, pair), trainer.weights,
-                                max_restarts=cfg.rollout.max_restarts, window_s=cfg.rollout.restart_window_s,
-                                timeout_s=cfg.ray.actor_timeout_s, log=log, how_to_resume=trainer.how_to_resume)
-        pump = RolloutPump(actors.students, actors.teachers, actors.buffer, prompt_stream(train, cfg.seed),
-                           item_stream(references, cfg.seed + 1) if references else None,
-                           batch_size=cfg.rollout.prompts_per_batch, supervisor=supervisor,
-                           timeout_s=cfg.ray.actor_timeout_s)
-        if saved is not None:
-            trainer.restore(resume_from, saved)
-            pump.restore(saved["pump"])
-            trainer.push_weights(version=trainer.version)  # the restored weights, under their version
-        else:
-            trainer.push_weights(version=0)  # the students start from the learner's weights
-            status.update(state="evaluating")
-            trainer.scores = {"teacher": _score(trainer, supervisor, evals, pair.tokenizer, "teacher")["score"],
-                              "before": _score(trainer, supervisor, evals, pair.tokenizer)["score"]}
-        log(f"before training: teacher {trainer.scores['teacher']:.3f}, student {trainer.scores['before']:.3f}")
-        _train(trainer, pump, supervisor, evals, pair.tokenizer, {"config": cfg.model_dump(),
-                                                                 "fingerprints": fingerprints}, trackers)
-        after = _score(trainer, supervisor, evals, pair.tokenizer)
-        log(f"after training: student {after['score']:.3f} (was {trainer.scores['before']:.3f}, "
-            f"teacher {trainer.scores['teacher']:.3f})")
-        student_dir = trainer.export_student(run_dir / "student")
-        log(f"student written to {student_dir}")
-        report = _report(cfg, trainer, pump, supervisor, after, student_dir, started)
-        path = write_report(run_dir, report)
+        _record_recovery(actors, events, cfg.ray.actor_timeout_s)
+        job = _assemble(inputs, actors, status, trackers, resume_hint or "ammd run CONFIG --resume")
+        job.supervisor.events = events
+        report = _run(job, started)
         status.update(state="finished")
-        log(f"report written to {path}")
         return report
     except BaseException as err:
         status.update(state="failed", error=f"{type(err).__name__}: {err}")
+        events.record("failed", error=f"{type(err).__name__}: {first_line(err)}")
         raise
     finally:
         if trackers is not None:
@@ -176,20 +127,71 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
             server.stop()
 
 
-def _prepare_spill(cfg: JobConfig, run_dir: Path, resume_from: Optional[Path]) -> Optional[str]:
-    """The buffer's directory: emptied for a new job, the checkpoint's buffer for a resume."""
-    if not cfg.buffer.spill and resume_from is None:
-        return None
-    where = Path(cfg.buffer.spill_dir).resolve() if cfg.buffer.spill_dir else run_dir / "buffer"
-    owner = spill_owner(where)
-    if owner not in (None, cfg.name):  # never delete or take in another job's rows
-        raise ConfigError(f"buffer.spill_dir {where} holds the replay buffer of run '{owner}', not "
-                          f"'{cfg.name}': point buffer.spill_dir elsewhere or remove that directory")
-    shutil.rmtree(where, ignore_errors=True)
-    if resume_from is not None:
-        # Linked, not rebuilt in place: the checkpoint's own copy must stay as it was.
-        copy_snapshot(str(resume_from / "buffer"), str(where))
-    return str(where)
+def _prepare_run_dir(inputs: JobInputs) -> None:
+    """Make the run directory (private), set an earlier run's checkpoints aside for a new job,
+    and lay out the buffer's spill directory: cleared of this run's old buffer files for a new
+    job, the checkpoint's buffer copied in for a resume. Only what check_inputs accepted."""
+    cfg, run_dir = inputs.cfg, inputs.run_dir
+    try:
+        make_private_dir(run_dir)
+    except OSError as err:
+        raise ConfigError(f"output_dir: cannot create the run directory {run_dir} "
+                          f"({err.strerror or err}); point output_dir at a directory you can write") from None
+    if inputs.saved is not None:
+        log(f"resuming from {inputs.resume_from} (step {inputs.saved['trainer']['step']} of {cfg.learner.steps})")
+    elif (moved := checkpoint.set_aside(run_dir)) is not None:
+        log(f"starting {cfg.name} over: the checkpoints of its earlier run are kept in {moved} "
+            f"(ammd run ... --resume continues a run instead)")
+    if inputs.saved is None:
+        set_aside(EventLog(run_dir).path.parent)  # an earlier run's events are not this job's
+    if inputs.spill_dir is None:
+        return
+    try:
+        clear_spill_dir(inputs.spill_dir)  # the buffer's own files only (check_inputs saw no other)
+        if inputs.resume_from is not None:
+            copy_snapshot(str(inputs.resume_from / "buffer"), str(inputs.spill_dir))
+        make_private_dir(inputs.spill_dir)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"buffer.spill_dir {inputs.spill_dir} could not be prepared ({err}); "
+                          f"point buffer.spill_dir at a new or empty directory you can write") from None
+
+
+def _assemble(inputs: JobInputs, actors, status: JobStatus, trackers: tracking.Trackers, hint: str) -> Job:
+    """The trainer, the supervisor of the rollout actors and the rollout pump, wired together."""
+    cfg = inputs.cfg
+    trainer = Trainer(cfg, actors, status, inputs.run_dir, hint, log)
+    supervisor = Supervisor(actors, rollout_factory(cfg, inputs.pair), trainer.weights,
+                            max_restarts=cfg.rollout.max_restarts, window_s=cfg.rollout.restart_window_s,
+                            timeout_s=cfg.ray.actor_timeout_s, log=log, how_to_resume=trainer.how_to_resume)
+    references = inputs.references
+    pump = RolloutPump(actors.students, actors.teachers, actors.buffer, prompt_stream(inputs.train, cfg.seed),
+                       item_stream(references, cfg.seed + 1) if references else None,
+                       batch_size=cfg.rollout.prompts_per_batch, supervisor=supervisor,
+                       timeout_s=cfg.ray.actor_timeout_s)
+    return Job(inputs, trainer, pump, supervisor, trackers)
+
+
+def _run(job: Job, started: float) -> dict[str, Any]:
+    """Push the first weights (or restore a checkpoint), train, score, export and report."""
+    trainer, inputs = job.trainer, job.inputs
+    if inputs.saved is not None:
+        trainer.restore(inputs.resume_from, inputs.saved)
+        job.pump.restore(inputs.saved["pump"])
+        trainer.push_weights(version=trainer.version)  # the restored weights, under their version
+    else:
+        trainer.push_weights(version=0)  # the students start from the learner's weights
+        trainer.status.update(state="evaluating")
+        trainer.scores = {"teacher": _score(job, "teacher")["score"], "before": _score(job)["score"]}
+    log(f"before training: teacher {trainer.scores['teacher']:.3f}, student {trainer.scores['before']:.3f}")
+    _train(job, {"config": inputs.cfg.model_dump(), "fingerprints": inputs.fingerprints})
+    after = _score(job)
+    log(f"after training: student {after['score']:.3f} (was {trainer.scores['before']:.3f}, "
+        f"teacher {trainer.scores['teacher']:.3f})")
+    student_dir = trainer.export_student(inputs.run_dir / "student")
+    log(f"student written to {student_dir}")
+    report = _report(job, after, student_dir, started)
+    log(f"report written to {write_report(inputs.run_dir, report)}")
+    return report
 
 
 def _start_status(status: JobStatus, cfg: JobConfig) -> Optional[StatusServer]:
@@ -201,24 +203,35 @@ def _start_status(status: JobStatus, cfg: JobConfig) -> Optional[StatusServer]:
         raise ConfigError(f"status.port: {err}") from None
 
 
-def _score(trainer: Trainer, supervisor: Supervisor, evals, tokenizer, role: str = "student") -> dict:
+def _score(job: Job, role: str = "student") -> dict:
     """Greedy score of student-0 (or teacher-0); a lost actor is restarted and asked again."""
-    name = f"{role}-0"
+    name, trainer = f"{role}-0", job.trainer
     group = trainer.actors.students if role == "student" else trainer.actors.teachers
     timeout, metric = trainer.cfg.ray.actor_timeout_s, trainer.cfg.eval.metric
+    evals, tokenizer = job.inputs.evals, job.inputs.pair.tokenizer
     try:
         return greedy_score(group[0], evals, tokenizer, metric, timeout)
     except ray.exceptions.RayActorError as err:
-        supervisor.recover([name], err)
+        job.supervisor.recover([name], err)
         return greedy_score(group[0], evals, tokenizer, metric, timeout)
     except ray.exceptions.GetTimeoutError:
         raise ActorLostError(f"{name} did not answer an evaluation within ray.actor_timeout_s="
                              f"{timeout:.0f} s. {trainer.how_to_resume()}") from None
 
 
-def _report(cfg: JobConfig, trainer: Trainer, pump: RolloutPump, supervisor: Supervisor, after: dict,
-            student_dir: Path, started: float) -> dict:
+def _record_recovery(actors, events: EventLog, timeout: float) -> None:
+    """Put what the buffer could not recover (a corrupt or missing segment) in the event log."""
+    stats = ray.get(actors.buffer.stats.remote(), timeout=timeout)
+    if stats["recovery_problems"]:
+        events.record("recovery", problems=stats["recovery_problems"], lost_rows=stats["lost_rows"])
+        for problem in stats["recovery_problems"]:
+            logs.get_logger().warning(f"replay buffer recovery: {problem}")
+
+
+def _report(job: Job, after: dict, student_dir: Path, started: float) -> dict:
+    trainer, cfg = job.trainer, job.inputs.cfg
     buffer_stats = trainer.wait(trainer.actors.buffer.stats.remote(), "the replay buffer")
+    whole_job = events_summary(EventLog(job.inputs.run_dir).read())  # every process of the job
     return {
         "name": cfg.name, "metric": cfg.eval.metric,
         "teacher_score": trainer.scores["teacher"], "student_score_before": trainer.scores["before"],
@@ -227,11 +240,14 @@ def _report(cfg: JobConfig, trainer: Trainer, pump: RolloutPump, supervisor: Sup
         "last_checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
         "rows_by_source": buffer_stats["rows_by_source"],
         "buffer_appended_by_source": buffer_stats["appended_by_source"],
+        # Rows the buffer could not recover (a corrupt or missing segment) and why, over the job.
+        "lost_rows": buffer_stats["lost_rows"], "recovery_problems": whole_job["recovery_problems"],
+        "resumes": whole_job["resumes"], "failures": whole_job["failures"],
         "max_on_policy_lag": trainer.max_lag, "evals": trainer.evals,
-        "rollout_usage": pump.usage(buffer_stats["served_by_source"]),
-        "restarts": supervisor.restart_counts(),
+        "rollout_usage": job.pump.usage(buffer_stats["served_by_source"]),
+        "restarts": whole_job["restarts"],  # rollout actor restarts, in every process of the job
         "wall_seconds": time.time() - started,
-        "rollout_tokens_per_s": pump.tokens_per_s(),
+        "rollout_tokens_per_s": job.pump.tokens_per_s(),
         "learner_tokens_per_s": trainer.learner_tokens_per_s(),
         "history": trainer.history, "examples_after": after["examples"],
         # Asked again at the end: a restarted rollout actor may run elsewhere than its first.
@@ -240,26 +256,27 @@ def _report(cfg: JobConfig, trainer: Trainer, pump: RolloutPump, supervisor: Sup
     }
 
 
-def _evaluate_during(trainer: Trainer, supervisor: Supervisor, evals, tokenizer) -> None:
+def _evaluate_during(job: Job) -> None:
     """Score the student actor's current weights (the last pushed version) on held-out prompts."""
-    result = _score(trainer, supervisor, evals, tokenizer)
+    trainer = job.trainer
+    result = _score(job)
     trainer.evals.append({"step": trainer.step, "weight_version": trainer.version, "score": result["score"]})
     trainer.status.update(evals=trainer.evals)
     log(f"step {trainer.step}: student {trainer.cfg.eval.metric} {result['score']:.3f} "
         f"(weight version {trainer.version})")
 
 
-def _checkpoint(trainer: Trainer, pump: RolloutPump, extra: dict) -> None:
+def _checkpoint(job: Job, extra: dict) -> None:
     """Drain the rollouts (so the buffer and the prompt streams agree), make sure the rollout
     actors hold exactly the learner's weights, then save everything."""
-    pump.drain()
-    if trainer.pushed_at != trainer.step:
-        trainer.push_weights()
-    trainer.save(pump.state(), extra)
+    job.pump.drain()
+    if job.trainer.pushed_at != job.trainer.step:
+        job.trainer.push_weights()
+    job.trainer.save(job.pump.state(), extra)
 
 
-def _train(trainer: Trainer, pump: RolloutPump, supervisor: Supervisor, evals, tokenizer, extra: dict,
-           trackers: tracking.Trackers) -> None:
+def _train(job: Job, extra: dict) -> None:
+    trainer, pump = job.trainer, job.pump
     cfg, status = trainer.cfg, trainer.status
     status.update(state="training")
     save_every = cfg.learner.save_every
@@ -277,11 +294,11 @@ def _train(trainer: Trainer, pump: RolloutPump, supervisor: Supervisor, evals, t
             if trainer.step % cfg.learner.sync_every == 0:
                 trainer.push_weights()
             if cfg.eval.every and trainer.step % cfg.eval.every == 0:
-                _evaluate_during(trainer, supervisor, evals, tokenizer)
+                _evaluate_during(job)
             if save_every and (trainer.step % save_every == 0 or trainer.step == cfg.learner.steps):
-                _checkpoint(trainer, pump, extra)  # after the evaluation, so it holds that score
-            _publish(trainer, pump, supervisor)
-            logged = _watch(trainer, pump, trackers, shown, logged)
+                _checkpoint(job, extra)  # after the evaluation, so it holds that score
+            _publish(job)
+            logged = _watch(job, shown, logged)
     finally:
         shown.close()
     pump.drain()
@@ -289,16 +306,16 @@ def _train(trainer: Trainer, pump: RolloutPump, supervisor: Supervisor, evals, t
         trainer.push_weights()
 
 
-def _watch(trainer: Trainer, pump: RolloutPump, trackers: tracking.Trackers, shown: logs.Progress,
-           logged: int) -> int:
+def _watch(job: Job, shown: logs.Progress, logged: int) -> int:
     """Hand the steps recorded since ``logged`` (exactly report.json's history records) and the
     snapshot just published (what /metrics serves) to the trackers, and show progress.
     Returns the new count of tracked records."""
+    trainer, pump = job.trainer, job.pump
     new = trainer.history[logged:]
     for record in new:
-        trackers.log_step(record)
+        job.trackers.log_step(record)
     if new:  # a skipped (non-finite) step changes nothing worth a second point at this step
-        trackers.log_snapshot(trainer.step, trainer.status.snapshot())
+        job.trackers.log_snapshot(trainer.step, trainer.status.view())
     last = trainer.history[-1] if trainer.history else {}
     shown.update(trainer.step, {"loss": last.get("loss", float("nan")), "lr": last.get("lr", float("nan")),
                                 "version": trainer.version, "rollout_tps": pump.tokens_per_s(),
@@ -306,8 +323,9 @@ def _watch(trainer: Trainer, pump: RolloutPump, trackers: tracking.Trackers, sho
     return len(trainer.history)
 
 
-def _publish(trainer: Trainer, pump: RolloutPump, supervisor: Supervisor) -> None:
+def _publish(job: Job) -> None:
     """Everything /status, /metrics, the page and TensorBoard read, once per learner step."""
+    trainer, pump, supervisor = job.trainer, job.pump, job.supervisor
     # Liveness from real answers: every actor is pinged and its last answer timed.
     supervisor.probe()
     buffer = trainer.wait(trainer.actors.buffer.stats.remote(), "the replay buffer")

@@ -1,6 +1,7 @@
 """``ammd export``: a checkpoint's student as a Hugging Face model directory.
 
-The weights come from the checkpoint's DeepSpeed state itself (every rank's ZeRO shards,
+The checkpoint is verified against its checksums (cluster.checkpoint.verify) before any file
+of it is read. The weights come from the checkpoint's DeepSpeed state itself (every rank's ZeRO shards,
 merged by DeepSpeed's own ``zero_to_fp32`` reader), not from the export saved beside it, so
 the command also converts a checkpoint whose ``student/`` was deleted or damaged. Config and
 tokenizer files come from the checkpoint's ``student/`` when present, else from the student
@@ -22,12 +23,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path} does not exist: give a run directory (runs/<name>) or one of "
                               f"its checkpoints (runs/<name>/checkpoints/step-...)")
     if (path / checkpoint.DRIVER_STATE).is_file():
+        checkpoint.verify(path)
         return path
     found = checkpoint.latest(checkpoint.checkpoints_root(path))
     if found is None:
         raise CheckpointError(f"{path} holds no complete checkpoint (no {checkpoint.DRIVER_STATE}, and "
                               f"no checkpoints/latest pointing at one); give the run directory of a job "
                               f"that saved one (learner.save_every) or one of its checkpoints/step-... dirs")
+    checkpoint.verify(found)  # before DeepSpeed's reader unpickles anything of it
     return found
 
 
@@ -54,7 +57,7 @@ def _state_dict(ckpt: Path, zero_stage: int) -> dict:
                               f"(runs/<name>/checkpoints/step-...)")
     if zero_stage == 0:
         return torch.load(root / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                          weights_only=False)["module"]
+                          weights_only=True)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=CHECKPOINT_TAG)
 

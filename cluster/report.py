@@ -22,9 +22,13 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
     tmp.replace(path)
     keys = ("metric", "teacher_score", "student_score_before", "student_score_after", "steps",
             "final_weight_version", "rows_by_source", "rollout_usage", "wall_seconds", "rollout_tokens_per_s",
-            "learner_tokens_per_s")
+            "learner_tokens_per_s", "restarts", "lost_rows")
     lines = [f"# ammd run `{report.get('name')}`", "", "| field | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(report.get(k))} |" for k in keys]
+    if report.get("resumes") or report.get("recovery_problems"):
+        lines += ["", "## Recovery", ""]
+        lines += [f"- resumed from `{r['from']}` (step {r['step']})" for r in report.get("resumes") or []]
+        lines += [f"- replay buffer: {p}" for p in report.get("recovery_problems") or []]
     if report.get("placement"):
         lines += ["", "## Placement", "", placement_summary(report["placement"])]
     examples = report.get("examples_after") or []

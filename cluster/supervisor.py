@@ -17,11 +17,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import ray
 
 from cluster import logs
+from cluster.events import EventLog
 
 
 class ActorLostError(RuntimeError):
@@ -45,6 +46,7 @@ class Supervisor:
     pids: dict = field(default_factory=dict)        # name -> process id it last answered from
     dead: set = field(default_factory=set)
     _pings: dict = field(default_factory=dict)      # ObjectRef -> name
+    events: Optional[EventLog] = None               # where restarts are kept for the whole job
 
     # -- who is who ---------------------------------------------------------------------------
     def handles(self) -> dict[str, Any]:
@@ -63,19 +65,22 @@ class Supervisor:
     def recover(self, names: list[str], err: BaseException) -> list[str]:
         """Restart those of ``names`` that no longer answer; returns the restarted names."""
         handles = self.handles()
-        lost = [n for n in names if not self._answers(handles[n])]
+        # Each actor's own answer says why it is gone: the request's error may name another
+        # actor's task (a teacher scoring rows whose student died, say).
+        lost = {n: why for n in names if (why := self._ping_error(handles[n])) is not None}
         if not lost:
             raise ActorLostError(f"a rollout request failed but its actors ({', '.join(names)}) still "
                                  f"answer, so the replay buffer is the likely loss: {first_line(err)}. "
                                  f"{self.how_to_resume()}")
-        for name in lost:
-            self.restart(name, err)
-        return lost
+        for name, why in lost.items():
+            self.restart(name, why)
+        return list(lost)
 
-    def restart(self, name: str, err: BaseException) -> None:
+    def restart(self, name: str, why: str) -> None:
+        """Replace rollout actor ``name``, lost because of ``why`` (its own error, one line)."""
         role, index = self.kind(name), int(name.split("-")[1])
         now = time.time()
-        self.last_error[name] = first_line(err)
+        self.last_error[name] = why
         recent = self.restarts.setdefault(name, deque())
         while recent and now - recent[0] > self.window_s:
             recent.popleft()
@@ -103,16 +108,26 @@ class Supervisor:
             payload, version = self.weights()
             ray.get(fresh.load_weights.remote(payload, version), timeout=self.timeout_s)
         group[index] = fresh
+        # A ping sent to the old actor is still pending and would fail: read later by probe(),
+        # it marked the new actor dead (with the old pid) while the new one worked.
+        self._pings = {ref: n for ref, n in self._pings.items() if n != name}
+        self.pids.pop(name, None)  # the new process's pid comes with its first answer
         self.dead.discard(name)
         self.seen[name] = time.time()
         self.log(f"{name} restarted" + (f" with weight version {version}" if role == "student" else ""))
+        if self.events is not None:
+            self.events.record("restart", actor=name, reason=why)
 
-    def _answers(self, handle: Any) -> bool:
+    def _ping_error(self, handle: Any) -> Optional[str]:
+        """None if the actor answers a ping, else why not (one line)."""
+        wait = min(self.timeout_s, 30.0)
         try:
-            ray.get(handle.ping.remote(), timeout=min(self.timeout_s, 30.0))
-            return True
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return False
+            ray.get(handle.ping.remote(), timeout=wait)
+            return None
+        except ray.exceptions.RayActorError as err:
+            return first_line(err)
+        except ray.exceptions.GetTimeoutError:
+            return f"no answer to a ping within {wait:.0f} s"
 
     # -- liveness -----------------------------------------------------------------------------
     def probe(self) -> None:
@@ -132,7 +147,7 @@ class Supervisor:
         waiting = set(self._pings.values())
         for name, handle in self.handles().items():
             if name not in waiting and name not in self.dead:
-                self._pings[_ping(handle)] = name
+                self._pings[handle.ping.remote()] = name
 
     def health(self) -> dict[str, dict]:
         """Per actor: state, seconds since its last answer, restarts and last error."""
@@ -148,9 +163,6 @@ class Supervisor:
         return dict(self.total)
 
 
-def _ping(handle: Any):
-    # The buffer has no ping of its own: its cheapest call answers the same question.
-    return handle.ping.remote() if hasattr(handle, "ping") else handle.stats.remote()
 
 
 def first_line(err: BaseException) -> str:

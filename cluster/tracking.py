@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from cluster.config import ConfigError, JobConfig
 from cluster.logs import get_logger
+from cluster.run_dir import set_aside
 from services.metrics import samples
 
 FLUSH_SECS = 5  # how stale TensorBoard's view of a running job may be
@@ -180,7 +180,7 @@ def start(cfg: JobConfig, run_dir: Path, resumed: Optional[list[dict[str, float]
     said = []
     if cfg.tracking.tensorboard:
         tb_dir = run_dir / "tb"
-        old = _set_aside(tb_dir)
+        old = set_aside(tb_dir)  # a new job's curves must not mix with an older run's
         trackers["TensorBoard"] = tb = TensorBoardTracker(tb_dir)
         if resumed is not None:  # the checkpoint's steps, not the ones the killed run got past it
             try:
@@ -200,15 +200,3 @@ def start(cfg: JobConfig, run_dir: Path, resumed: Optional[list[dict[str, float]
     return Trackers(trackers)
 
 
-def _set_aside(tb_dir: Path) -> Optional[Path]:
-    """Move existing event files to ``previous-<time>/tb`` (as a new job does its checkpoints)
-    and return where, or None: a new job's curves must not mix with an older run's, and a
-    resumed job's must not hold the steps it runs again twice."""
-    if not (tb_dir.is_dir() and any(tb_dir.iterdir())):
-        return None
-    dest = tb_dir.parent / time.strftime("previous-%Y%m%d-%H%M%S") / "tb"
-    if dest.exists():  # a second job within the same second
-        dest = dest.parent.with_name(dest.parent.name + f"-{uuid.uuid4().hex[:6]}") / "tb"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tb_dir, dest)
-    return dest

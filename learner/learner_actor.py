@@ -16,6 +16,8 @@ from typing import Any, Optional
 import pyarrow as pa
 import ray
 
+from services.liveness import ping_answer
+
 CHECKPOINT_TAG = "state"  # one DeepSpeed tag per checkpoint directory
 
 
@@ -99,10 +101,8 @@ class LearnerWorker:
     @ray.method(concurrency_group="health")
     def ping(self) -> dict[str, Any]:
         """Answers at once, even mid-request: it runs in its own thread (the "health"
-        concurrency group), while the work methods stay one at a time. Also says where the
-        actor runs: its Ray node id and node IP (``cluster.actors.placement``)."""
-        return {"pid": os.getpid(), "time": time.time(), "node_id": ray.get_runtime_context().get_node_id(),
-                "node_ip": ray.util.get_node_ip_address()}
+        concurrency group), while the work methods stay one at a time (services.liveness)."""
+        return ping_answer()
 
     def ready(self) -> dict[str, Any]:
         import torch.distributed as dist
@@ -266,7 +266,8 @@ class LearnerWorker:
                                                            load_lr_scheduler_states=True)
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {root}")
-        extra = torch.load(os.path.join(root, f"rank{self.rank}-extra.pt"), weights_only=False)
+        # weights_only: ammd's own file holds tensors and plain values only; no pickle runs code.
+        extra = torch.load(os.path.join(root, f"rank{self.rank}-extra.pt"), weights_only=True)
         self.objective.load_state_dict(extra["objective"])
         torch.set_rng_state(extra["torch_rng"])
         self.steps, self.tokens = extra["steps"], extra["tokens"]

@@ -23,6 +23,7 @@ import ray
 from learner.weight_sync import CollectiveTransport, WeightGroup, join_group, make_transport
 from rollout.engine import Generation, SamplingConfig, make_engine, tail_logmass
 from services.buffer_schema import Row, rows_to_batch
+from services.liveness import ping_answer
 
 PromptBatch = list[tuple[int, list[int]]]  # (prompt_id, prompt token ids)
 ReferenceBatch = list[tuple[int, list[int], list[int]]]  # (prompt_id, prompt ids, response ids)
@@ -59,10 +60,8 @@ class RolloutWorker:
     @ray.method(concurrency_group="health")
     def ping(self) -> dict[str, Any]:
         """Answers at once, even mid-request: it runs in its own thread (the "health"
-        concurrency group), while the work methods stay one at a time. Also says where the
-        actor runs: its Ray node id and node IP (``cluster.actors.placement``)."""
-        return {"pid": os.getpid(), "time": time.time(), "node_id": ray.get_runtime_context().get_node_id(),
-                "node_ip": ray.util.get_node_ip_address()}
+        concurrency group), while the work methods stay one at a time (services.liveness)."""
+        return ping_answer()
 
     # -- student ---------------------------------------------------------------------------
     def sample(self, batch: PromptBatch) -> Samples:

@@ -33,7 +33,6 @@ The class is plain Python so it is tested without Ray; the driver runs it as a R
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -45,13 +44,13 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.ipc as ipc
 
 from services.buffer_schema import SCHEMA, SCHEMA_VERSION, SOURCES
+from services.liveness import ping_answer
 
 _STUDENT = SOURCES.index("student")
-MANIFEST = "manifest.json"
-STATE = "state.npz"
+from services.buffer_files import (MANIFEST, STATE, copy_sealed, digest_entry, fsync_dir, read_segment,
+                                   require_new_or_empty, with_first_rows, write_durably, write_segment)
 
 
 class ReplayBuffer:
@@ -102,7 +101,7 @@ class ReplayBuffer:
             return {"rows": 0, "tokens": 0, "held": self.table.num_rows}
         first = self.appended
         if self.spill_dir:
-            self._segments.append(_write_segment(self.spill_dir, table, first))
+            self._segments.append(write_segment(self.spill_dir, table, first))
         self._add(table, np.arange(first, first + table.num_rows, dtype=np.int64))
         self.appended += table.num_rows
         self.appended_by_source += np.bincount(self.source[-table.num_rows:], minlength=len(SOURCES))
@@ -176,6 +175,10 @@ class ReplayBuffer:
     def all_rows(self) -> pa.Table:
         return self.table
 
+    def ping(self) -> dict:
+        """Who and where this buffer is (services.liveness), as every actor answers."""
+        return ping_answer()
+
     def stats(self) -> dict:
         by_source = {name: int((self.source == i).sum()) for i, name in enumerate(SOURCES)}
         return {
@@ -196,12 +199,12 @@ class ReplayBuffer:
     def snapshot(self, dest_dir: str) -> dict[str, int]:
         """Write this buffer as it stands into ``dest_dir`` (absent or empty) in the spill
         format: ``ReplayBuffer(..., spill_dir=dest_dir)`` then holds the same rows, use counts,
-        RNG state and counters. Sealed segments are hard-linked (copied across filesystems);
+        RNG state and counters. Sealed segments are copied (reflinked where the filesystem can);
         without a ``spill_dir`` the held rows become one segment. The copy is built beside
         ``dest_dir`` and renamed into place, so a crash never leaves half a snapshot there.
         Returns ``{"rows": rows held, "segments": segment files written}``."""
         dest = Path(dest_dir)
-        _require_new_or_empty(dest, "snapshot directory")
+        require_new_or_empty(dest, "snapshot directory")
         if self._is_spill_dir(dest):
             raise ValueError(f"snapshot directory {dest} is the buffer's own spill_dir")
         tmp = dest.with_name(f".{dest.name}.snapshot-tmp")
@@ -211,19 +214,19 @@ class ReplayBuffer:
         write_durably(tmp / STATE, self._state_bytes())
         write_durably(tmp / MANIFEST, self._manifest_bytes(segments, skip))
         os.replace(tmp, dest)  # replaces an empty directory too
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return {"rows": int(self.table.num_rows), "segments": len(segments)}
 
     def _snapshot_segments(self, directory: Path) -> tuple[list[dict], int]:
         """Put the held rows' segments in ``directory``; returns their entries and skip_rows."""
         if self.spill_dir:
             for seg in self._segments:
-                _link_or_copy(self.spill_dir / seg["file"], directory / seg["file"])
+                copy_sealed(self.spill_dir / seg["file"], directory / seg["file"])
             return [dict(s) for s in self._segments], self._skip_rows()
         if self.table.num_rows == 0:
             return [], 0
         # Without a spill_dir rows only arrive by append, so their indices are contiguous.
-        return [_write_segment(directory, self.table, int(self.row_id[0]))], 0
+        return [write_segment(directory, self.table, int(self.row_id[0]))], 0
 
     def _is_spill_dir(self, path: Path) -> bool:
         return self.spill_dir is not None and path.resolve() == self.spill_dir.resolve()
@@ -266,7 +269,12 @@ class ReplayBuffer:
         path = self.spill_dir / MANIFEST
         if not path.exists():
             return
-        manifest = json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+            assert isinstance(manifest, dict) and isinstance(manifest["segments"], list)
+        except (OSError, ValueError, KeyError, AssertionError):
+            raise ValueError(f"replay buffer manifest {path} is damaged (not the JSON the buffer "
+                             f"wrote); resume from another checkpoint, or start over") from None
         self._check_run(manifest.get("run_name"))
         rewrite = self._load_segments(manifest)
         self.appended, self.evicted = manifest["appended"], manifest["evicted"]
@@ -291,16 +299,16 @@ class ReplayBuffer:
         """Hold every segment that verifies; report and skip the others. Returns whether the
         manifest needs rewriting (a segment was skipped or lacked its checksum)."""
         skip, rewrite, tables, ids = manifest["skip_rows"], False, [], []
-        for j, seg in enumerate(_with_first_rows(manifest)):
+        for j, seg in enumerate(with_first_rows(manifest)):
             lead = skip if j == 0 else 0  # skip_rows belongs to the first listed segment only
-            table, problem = _read_segment(self.spill_dir, seg)
+            table, problem = read_segment(self.spill_dir, seg)
             if problem:
                 self._report(f"{problem}; skipped its {seg['rows'] - lead} rows")
                 self.lost_rows += seg["rows"] - lead
                 rewrite = True
                 continue
             if "sha256" not in seg:  # an older manifest: record it so later recoveries verify
-                seg.update(_digest_entry(self.spill_dir / seg["file"]))
+                seg.update(digest_entry(self.spill_dir / seg["file"]))
                 rewrite = True
             # A kept first segment keeps its skip; if it was skipped, its successor is whole,
             # so concat(self._segments)[skip_rows:] == self.table holds either way.
@@ -337,113 +345,3 @@ class ReplayBuffer:
     def _report(self, problem: str) -> None:
         self.recovery_problems.append(problem)
         print(f"[ammd buffer] recovery: {problem}", flush=True)
-
-
-def spill_owner(spill_dir: str | Path) -> Optional[str]:
-    """The run named in ``spill_dir``'s manifest (None: no manifest, or an unnamed one)."""
-    path = Path(spill_dir) / MANIFEST
-    try:
-        return json.loads(path.read_text()).get("run_name") if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-
-
-def copy_snapshot(snapshot_dir: str, spill_dir: str) -> None:
-    """Link (or copy) snapshot ``snapshot_dir`` into ``spill_dir`` (new or empty), so that
-    ``ReplayBuffer(..., spill_dir=spill_dir)`` continues from it while the snapshot stays as
-    it was: a buffer built on the snapshot directory itself would append, evict and delete
-    there. Linking is safe because no file is ever modified in place (see write_durably)."""
-    src, dest = Path(snapshot_dir), Path(spill_dir)
-    if not (src / MANIFEST).exists():
-        raise ValueError(f"{src} holds no replay buffer snapshot (no {MANIFEST})")
-    _require_new_or_empty(dest, "buffer.spill_dir")
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in src.iterdir():
-        if path.is_file() and not path.name.endswith(".tmp"):
-            _link_or_copy(path, dest / path.name)
-    _fsync_dir(dest)
-
-
-# -- files ------------------------------------------------------------------------------------
-def _require_new_or_empty(path: Path, what: str) -> None:
-    if path.exists() and any(path.iterdir()):
-        raise ValueError(f"{what} {path} must be new or empty")
-
-
-def _write_segment(directory: Path, table: pa.Table, first_row: int) -> dict:
-    """Seal ``table`` as an Arrow IPC file; returns its manifest entry."""
-    sink = pa.BufferOutputStream()
-    with ipc.new_file(sink, SCHEMA) as writer:
-        writer.write_table(table.cast(SCHEMA))
-    data = sink.getvalue()
-    name = f"segment-{first_row:012d}.arrow"
-    write_durably(directory / name, data, sync_dir=False)  # the manifest's write syncs the dir
-    return {"file": name, "rows": table.num_rows, "first_row": first_row,
-            "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _read_segment(directory: Path, seg: dict) -> tuple[Optional[pa.Table], Optional[str]]:
-    """The segment's rows, or None and what is wrong with its file (naming it)."""
-    path = directory / seg["file"]
-    if not path.exists():
-        return None, f"{path}: missing"
-    size = path.stat().st_size
-    if "bytes" in seg and size != seg["bytes"]:
-        return None, f"{path}: {size} bytes on disk, the manifest says {seg['bytes']} (truncated?)"
-    try:
-        data = pa.memory_map(str(path)).read_buffer()  # zero-copy; the table keeps the map alive
-        if "sha256" in seg and hashlib.sha256(data).hexdigest() != seg["sha256"]:
-            return None, f"{path}: sha256 differs from the manifest's (corrupt)"
-        table = ipc.open_file(pa.BufferReader(data)).read_all()
-    except (OSError, pa.ArrowException) as err:
-        return None, f"{path}: not a readable Arrow file ({err})"
-    if not table.schema.equals(SCHEMA, check_metadata=False):
-        return None, f"{path}: schema differs from buffer schema v{SCHEMA_VERSION}"
-    if table.num_rows != seg["rows"]:
-        return None, f"{path}: {table.num_rows} rows, the manifest says {seg['rows']}"
-    return table, None
-
-
-def _digest_entry(path: Path) -> dict:
-    data = pa.memory_map(str(path)).read_buffer()
-    return {"bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _with_first_rows(manifest: dict) -> list[dict]:
-    """Manifest entries with ``first_row``; older manifests lack it, but their segments are
-    contiguous and end at ``appended``."""
-    segments = [dict(s) for s in manifest["segments"]]
-    end = manifest["appended"]
-    for seg in reversed(segments):
-        seg.setdefault("first_row", end - seg["rows"])
-        end = seg["first_row"]
-    return segments
-
-
-def write_durably(path: Path, data, sync_dir: bool = True) -> None:
-    """Replace ``path`` by ``data`` atomically (readers see the old or the new file, never a
-    mix) and durably (fsynced, so an acknowledged write survives a power loss too)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if sync_dir:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link a sealed (never modified) segment; copy where links fail (other filesystem)."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)

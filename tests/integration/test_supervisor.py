@@ -114,3 +114,36 @@ def test_the_restart_window_forgets_old_restarts(ray_cluster):
     kill(group.students[0])
     sup.recover(["student-0"], RuntimeError("y"))
     assert sup.restart_counts() == {"student-0": 2}
+
+
+def test_a_restarted_actor_is_not_marked_dead_by_a_ping_its_predecessor_failed(ray_cluster):
+    """Issue 21: after the second restart of one actor /status showed it dead with its old pid
+    (and /healthz answered 503 for minutes) while the new actor worked: a ping sent to the dead
+    predecessor was still pending at the restart and, read later, marked the new actor dead."""
+    group = Group([Echo.remote()], [])
+    sup = Supervisor(group, lambda r, i: Echo.remote(), weights=lambda: (None, 0), timeout_s=30)
+    for _ in range(2):
+        old_pid = ray.get(group.students[0].ping.remote())["pid"]
+        kill(group.students[0])
+        sup.probe()  # a ping to the dead actor goes out before anyone notices it is gone
+        sup.recover(["student-0"], RuntimeError("a request failed"))
+        new_pid = ray.get(group.students[0].ping.remote())["pid"]
+        assert new_pid != old_pid
+        deadline = time.time() + 10
+        while time.time() < deadline:  # long enough for the predecessor's ping to fail
+            sup.probe()
+            time.sleep(0.2)
+        health = sup.health()["student-0"]
+        assert health["state"] == "alive" and health["pid"] == new_pid, health
+
+
+def test_the_restart_reason_is_the_lost_actors_own_error(ray_cluster):
+    """Issue 21: a killed student's restart was logged with the teacher's score_rows task."""
+    group = Group([Echo.remote()], [Echo.remote()])
+    logs = []
+    sup = Supervisor(group, lambda r, i: Echo.remote(), weights=lambda: (None, 0), timeout_s=30,
+                     log=logs.append)
+    kill(group.students[0])
+    sup.recover(["student-0", "teacher-0"], RuntimeError("ray::TeacherActor.score_rows() failed"))
+    assert "score_rows" not in sup.health()["student-0"]["last_error"]
+    assert not any("score_rows" in line for line in logs), logs

@@ -89,6 +89,21 @@ CONFIG_CASES = {
                                                           "be set", "both left empty"]),
     "own-models-without-data": (["models.teacher=/m/a", "models.student=/m/b"],
                                 ["data.train must name the prompt file"]),
+    # issue 21: values that were accepted, then crashed, hung or wrote outside output_dir
+    "lr-inf": (["learner.lr=.inf"], ["'learner.lr'", "finite number"]),
+    "temperature-inf": (["rollout.temperature=inf"], ["'rollout.temperature'", "finite number"]),
+    "grad-clip-inf": (["learner.grad_clip=.inf"], ["'learner.grad_clip'", "finite number"]),
+    "weight-decay-inf": (["learner.weight_decay=.inf"], ["'learner.weight_decay'", "finite number"]),
+    "gpus-inf": (["rollout.student.gpus=.inf"], ["'rollout.student.gpus'", "finite number"]),
+    "resource-nan": (["learner.resources={node: .nan}"], ["'learner.resources.node'", "finite number"]),
+    "seed-negative": (["seed=-1"], ["'seed'", "greater than or equal to 0", "got -1"]),
+    "name-a-path": (["name=../.."], ["name='../..' must be a plain name", "no '/'"]),
+    "name-absolute": (["name=/etc/x"], ["name='/etc/x' must be a plain name"]),
+    "capacity-below-batch": (["buffer.capacity_rows=31"], [
+        "buffer.capacity_rows=31 is below one learner batch", "= 32 rows", "at least 32"]),
+    "batch-above-capacity": (["buffer.capacity_rows=64", "learner.micro_batch=40"], [
+        "buffer.capacity_rows=64 is below one learner batch", "= 80 rows"]),
+    "override-not-yaml": (["learner.steps=[1,"], ["override 'learner.steps=[1,'", "is not valid YAML"]),
 }
 
 
@@ -101,6 +116,13 @@ CONFIG_FILES = {
     "config-file-missing": (None, ["does not exist", "give the path of a YAML config"]),
     "config-not-yaml": ("learner: [1, 2\n", ["is not valid YAML", "line 2, column 1"]),
     "config-not-a-mapping": ("- learner\n- data\n", ["must hold a mapping at the top level", "not a list"]),
+    "duplicate-section": ("learner:\n  lr: 0.1\ndata: {}\nlearner:\n  micro_batch: 2\n",
+                          ["holds the key 'learner' twice", "lines 1 and 4", "merge them"]),
+    "duplicate-key": ("learner:\n  lr: 0.1\n  lr: 0.2\n", ["holds the key 'lr' twice", "lines 2 and 3"]),
+    "alias-bomb": ("a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+                   + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+                   + "loss: {name: amm, params: {beta: *i}}\n",
+                   ["expands to more than 20000 values", "fewer aliases"]),
 }
 
 
@@ -110,6 +132,80 @@ def test_bad_config_file(capsys, tmp_path, text, words):
     if text is not None:
         path.write_text(text)
     assert_one_error(*run_cli(capsys, "check", str(path)), str(path), *words)
+
+
+def test_config_file_not_utf8(capsys, tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    assert_one_error(*run_cli(capsys, "check", str(path)), str(path), "is not UTF-8 text", "byte 9")
+
+
+def test_config_path_that_is_a_directory(capsys, tmp_path):
+    assert_one_error(*run_cli(capsys, "check", str(tmp_path)), f"config file {tmp_path} is a directory")
+
+
+def test_an_error_quotes_a_bounded_part_of_a_huge_value(capsys):
+    rc, err = run_cli(capsys, "check", CONFIG, "loss.params={beta: [" + ",".join(["1"] * 5000) + "]}")
+    assert_one_error(rc, err, "beta")
+    assert len(err) < 1000
+
+
+USER_DIR_CASES = {"user-files": {"thesis.tex": "years of work"},
+                  "user-files-beside-a-manifest": {"manifest.json": '{"run_name": "b"}', "notes.md": "mine"}}
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.parametrize("files", USER_DIR_CASES.values(), ids=USER_DIR_CASES.keys())
+def test_spill_dir_holding_a_users_files_is_refused_and_untouched(capsys, toy_world, tmp_path, no_ray,
+                                                                 command, files):
+    """Issue 21: such a directory was deleted recursively, even when the job was then refused."""
+    spill = tmp_path / "home"
+    spill.mkdir()
+    for name, text in files.items():
+        (spill / name).write_text(text)
+    rc, err = run_cli(capsys, command, CONFIG, *own(toy_world, f"output_dir={tmp_path / 'runs'}", "name=b",
+                                                    f"buffer.spill_dir={spill}"))
+    assert_one_error(rc, err, f"buffer.spill_dir {spill} already holds files that are not a replay buffer's",
+                     "left untouched")
+    assert {p.name: p.read_text() for p in spill.iterdir()} == files
+
+
+def test_output_dir_that_is_a_file(capsys, toy_world, tmp_path, no_ray):
+    (tmp_path / "f").write_text("x")
+    rc, err = run_cli(capsys, "run", CONFIG, *own(toy_world, f"output_dir={tmp_path / 'f' / 'runs'}"))
+    assert_one_error(rc, err, "output_dir=", "cannot be written", "is not a directory")
+
+
+def test_topk_larger_than_the_vocabulary(capsys, toy_world):
+    rc, err = run_cli(capsys, "check", CONFIG, *own(toy_world, "rollout.topk=100"))
+    assert_one_error(rc, err, "rollout.topk=100 is larger than the vocabulary (48 tokens)", "at most 48")
+
+
+def test_check_refuses_what_run_refuses(capsys, toy_world, tmp_path):
+    """Issue 21: check skipped data.eval, the dataset rows' responses and W&B."""
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "sort 1 2 =", "response": "1 2"},
+                                                  {"prompt": "sort 3 1 ="}])
+    rc, err = run_cli(capsys, "check", CONFIG, *own(toy_world, f"data.eval={evals}"))
+    assert_one_error(rc, err, f"{evals}: line 2 has no 'response'")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "sort 1 2 =", "response": "1 2"}, {"prompt": "sort 3 1 ="}])
+    rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={data}",
+                      f"data.eval={toy_world.test_path}", "rollout.off_policy=dataset")
+    assert_one_error(rc, err, "line 2 has no 'response' string", "rollout.off_policy=dataset")
+
+
+def test_status_port_in_use_and_bad_host_are_refused_before_ray(capsys, toy_world, tmp_path, no_ray):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for command in ("check", "run"):
+            rc, err = run_cli(capsys, command, CONFIG, *own(toy_world, f"status.port={port}",
+                                                            f"output_dir={tmp_path}"))
+            assert_one_error(rc, err, f"status.port: 127.0.0.1:{port} cannot be listened on (in use)",
+                             "status.port=0")
+    rc, err = run_cli(capsys, "check", CONFIG, *own(toy_world, "status.host=no-such-host.invalid"))
+    assert_one_error(rc, err, "status.host='no-such-host.invalid' is not an address")
 
 
 def test_spill_dir_holding_another_runs_buffer(capsys, toy_world, tmp_path, no_ray):
@@ -163,14 +259,14 @@ def test_row_without_prompt(capsys, toy_world, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "sort 1 2 =", "response": "1 2"},
                                               {"question": "sort 3 1 =", "response": "1 3"}])
     rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={data}")
-    assert_one_error(rc, err, "row 2 has no 'prompt' string", "d.jsonl", "every row needs")
+    assert_one_error(rc, err, "line 2 has no 'prompt' string", "d.jsonl", "every row needs")
 
 
 def test_prompt_longer_than_allowed(capsys, toy_world, tmp_path):
     long = "sort " + " ".join(["1"] * 30) + " ="
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "sort 1 2 ="}, {"prompt": long}])
     rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={data}")
-    assert_one_error(rc, err, "row 2 has a prompt of 33 tokens", "data.max_prompt_tokens=24",
+    assert_one_error(rc, err, "line 2 has a prompt of 33 tokens", "data.max_prompt_tokens=24",
                      "shorten it or raise data.max_prompt_tokens")
 
 
@@ -179,7 +275,7 @@ def test_eval_rows_without_response(capsys, toy_world, tmp_path, no_ray):
                                                   {"prompt": "sort 3 1 ="}])
     rc, err = run_cli(capsys, "run", CONFIG, *own(toy_world, f"data.eval={evals}",
                                                   f"output_dir={tmp_path / 'runs'}"))
-    assert_one_error(rc, err, f"{evals}: row 2 has no 'response'", "evaluation prompts need one each")
+    assert_one_error(rc, err, f"{evals}: line 2 has no 'response'", "evaluation prompts need one each")
 
 
 def test_dataset_off_policy_rows_without_response(capsys, toy_world, tmp_path, no_ray):
@@ -188,7 +284,7 @@ def test_dataset_off_policy_rows_without_response(capsys, toy_world, tmp_path, n
     rc, err = run_cli(capsys, "run", CONFIG, *models(toy_world), f"data.train={data}",
                       f"data.eval={toy_world.test_path}", "rollout.off_policy=dataset",
                       f"output_dir={tmp_path / 'runs'}")
-    assert_one_error(rc, err, "row 2 has no 'response' string", "rollout.off_policy=dataset",
+    assert_one_error(rc, err, "line 2 has no 'response' string", "rollout.off_policy=dataset",
                      "or set rollout.off_policy=teacher")
 
 
@@ -273,6 +369,7 @@ def fake_checkpoint(run_dir, config, step=4):
     (ckpt / "driver.json").write_text(json.dumps({"config": config, "fingerprints": fingerprints,
                                                   "trainer": {"step": step}}))
     (run_dir / "checkpoints" / "latest").write_text(ckpt.name)
+    checkpoint.seal(ckpt)  # as commit does: its checksums, written last
     return ckpt
 
 
@@ -302,8 +399,40 @@ def test_resume_from_a_damaged_checkpoint(capsys, toy_world, tmp_path, no_ray):
     ckpt = fake_checkpoint(tmp_path / "job", resolved(args))
     (ckpt / "driver.json").write_text('{"config": {"seed": ')  # cut off mid-write
     rc, err = run_cli(capsys, "run", CONFIG, *args, "--resume")
-    assert_one_error(rc, err, f"checkpoint {ckpt} is damaged", "cannot be read",
+    assert_one_error(rc, err, f"checkpoint {ckpt} is damaged", "driver.json differs from its checksum",
                      "start over without --resume")
+
+
+CHECKPOINT_TAMPERING = {
+    "no-checksums": (lambda ckpt: (ckpt / "checksums.json").unlink(), ["has no checksums.json",
+                                                                      "cannot be verified before"]),
+    "unlisted-file": (lambda ckpt: (ckpt / "deepspeed").mkdir() or (ckpt / "deepspeed" / "evil.pt").write_bytes(b"x"),
+                      ["holds files its checksums.json does not list (deepspeed/evil.pt)", "is not loaded"]),
+}
+
+
+@pytest.mark.parametrize("command", ["run", "export"])
+@pytest.mark.parametrize("case", ["no-checksums", "unlisted-file", "buffer-manifest-damaged"])
+def test_a_checkpoint_is_verified_before_anything_of_it_is_read(capsys, toy_world, tmp_path, no_ray,
+                                                                 command, case):
+    """Issue 21: checkpoints were unpickled unverified (a crafted one ran its payload via export)."""
+    from cluster import checkpoint
+    args = own(toy_world, f"output_dir={tmp_path}", "name=job")
+    ckpt = fake_checkpoint(tmp_path / "job", resolved(args))
+    if case == "buffer-manifest-damaged":
+        (ckpt / "buffer").mkdir()
+        (ckpt / "buffer" / "manifest.json").write_text('{"segments": []}')
+        checkpoint.seal(ckpt)
+        (ckpt / "buffer" / "manifest.json").write_text('{"segm')  # damaged after it was written
+        words = ["is damaged", "buffer/manifest.json differs from its checksum"]
+    else:
+        tamper, words = CHECKPOINT_TAMPERING[case]
+        tamper(ckpt)
+    if command == "run":
+        rc, err = run_cli(capsys, "run", CONFIG, *args, "--resume")
+    else:
+        rc, err = run_cli(capsys, "export", str(tmp_path / "job"), "--out", str(tmp_path / "out"))
+    assert_one_error(rc, err, f"checkpoint {ckpt}", *words)
 
 
 def test_resume_with_a_different_config(capsys, toy_world, tmp_path, no_ray):

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from services.buffer_schema import SCHEMA, Row, batch_to_rows, rows_to_batch
-from services.replay_buffer import ReplayBuffer, copy_snapshot
+from services.buffer_files import copy_snapshot
+from services.replay_buffer import ReplayBuffer
 
 
 def make_row(i: int, source: str = "student", version: int = 0, k: int = 3, rng=None) -> Row:
@@ -275,13 +276,37 @@ def test_snapshot_recovers_exactly_the_buffer_at_snapshot_time(tmp_path, spill):
         live.snapshot(str(tmp_path / "snap"))
 
 
-def test_snapshot_hard_links_sealed_segments(tmp_path):
-    live = ReplayBuffer(100, spill_dir=str(tmp_path / "live"))
+def test_a_snapshot_shares_no_file_with_the_live_spill(tmp_path):
+    """Issue 21: hard-linked segments made one corrupt file corrupt every checkpoint's copy."""
+    live = ReplayBuffer(100, spill_dir=str(tmp_path / "live"), run_name="r")
     fill(live, range(0, 8, 4))
     (tmp_path / "snap").mkdir()  # an empty directory is fine
     live.snapshot(str(tmp_path / "snap"))
-    for seg in (tmp_path / "live").glob("segment-*.arrow"):
-        assert seg.stat().st_ino == (tmp_path / "snap" / seg.name).stat().st_ino
+    segs = sorted((tmp_path / "live").glob("segment-*.arrow"))
+    assert len(segs) == 2
+    for seg in segs:
+        copy = tmp_path / "snap" / seg.name
+        assert seg.stat().st_ino != copy.stat().st_ino and copy.stat().st_nlink == 1
+        assert copy.read_bytes() == seg.read_bytes()
+    segs[0].write_bytes(b"\0" * segs[0].stat().st_size)  # the live file rots
+    restored = ReplayBuffer(100, spill_dir=str(tmp_path / "snap"), run_name="r")
+    assert restored.stats()["rows"] == 8 and restored.stats()["recovery_problems"] == []
+
+
+def test_clearing_a_spill_dir_deletes_only_a_buffers_files(tmp_path):
+    from services.buffer_files import clear_spill_dir, foreign_files
+    live = ReplayBuffer(100, spill_dir=str(tmp_path / "spill"), run_name="r")
+    fill(live, range(0, 8, 4))
+    assert foreign_files(tmp_path / "spill") == []
+    (tmp_path / "spill" / "thesis.tex").write_text("years of work")
+    assert foreign_files(tmp_path / "spill") == ["thesis.tex"]
+    with pytest.raises(ValueError, match="thesis.tex"):
+        clear_spill_dir(tmp_path / "spill")
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == [  # nothing deleted
+        "manifest.json", "segment-000000000000.arrow", "segment-000000000004.arrow", "thesis.tex"]
+    (tmp_path / "spill" / "thesis.tex").unlink()
+    clear_spill_dir(tmp_path / "spill")
+    assert list((tmp_path / "spill").iterdir()) == []
 
 
 def test_a_copied_snapshot_goes_on_while_the_snapshot_stays_intact(tmp_path):
