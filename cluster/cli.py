@@ -30,6 +30,7 @@ from pathlib import Path
 from cluster.checkpoint import CheckpointError
 from cluster.config import ConfigError, load_config
 from cluster.data import DataError
+from cluster.errors import first_line, one_line
 from cluster.models import ModelError
 from cluster.status_view import StatusUnavailable
 from cluster.supervisor import ActorLostError
@@ -114,11 +115,6 @@ def _status(url: str | None, watch: float | None, as_json: bool) -> None:
         return
 
 
-def _one_line(err: BaseException) -> str:
-    """The message on one line, whatever a library put into it."""
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
@@ -150,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             world = build_toy_world(Path(args.root), task=args.task, seed=args.seed)
             print(json.dumps({k: str(v) for k, v in vars(world).items()}, indent=2))
     except USER_ERRORS as err:
-        print(f"ammd: error: {_one_line(err)}", file=sys.stderr)
+        print(f"ammd: error: {one_line(err)}", file=sys.stderr)
         return 2
     except ActorLostError as err:
-        print(f"ammd: error: {_one_line(err)}", file=sys.stderr)
+        print(f"ammd: error: {one_line(err)}", file=sys.stderr)
         return 1
     except Exception as err:
         import ray
@@ -161,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # The driver names the actor it lost (ActorLostError); anything Ray raises past it
         # still ends in one line, not a wall of Ray text.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"ammd: error: a Ray actor died during the job ({first}); its log is above", file=sys.stderr)
+        print(f"ammd: error: a Ray actor died during the job ({first_line(err)}); its log is above",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -11,14 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from cluster.errors import first_line
+
 
 class DataError(ValueError):
     """A problem with the user's data, phrased with the file, the row and the fix."""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0].strip() if text else type(err).__name__
 
 
 @dataclass
@@ -63,7 +60,7 @@ def _read_dataset_dir(p: Path) -> list[dict[str, Any]]:
     try:
         ds = load_from_disk(str(p))
     except (OSError, ValueError) as err:
-        raise DataError(f"{p} is a directory but not a saved HF dataset ({_first_line(err)}); "
+        raise DataError(f"{p} is a directory but not a saved HF dataset ({first_line(err)}); "
                         f"give a JSONL or Parquet file, or a datasets.save_to_disk directory") from None
     return [dict(r) for r in (ds["train"] if hasattr(ds, "keys") else ds)]
 
@@ -74,7 +71,7 @@ def _read_parquet(p: Path) -> list[dict[str, Any]]:
     try:
         return pq.read_table(p).to_pylist()
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise DataError(f"{p} is not a readable Parquet file ({_first_line(err)}); give Parquet, "
+        raise DataError(f"{p} is not a readable Parquet file ({first_line(err)}); give Parquet, "
                         f"JSONL (one {{\"prompt\": ...}} per line) or a saved HF dataset dir") from None
 
 

@@ -28,13 +28,14 @@ import ray
 from cluster import checkpoint, logs, tracking
 from cluster.actors import Rollouts, placement, rollout_factory, start_actors, stop_actors
 from cluster.config import ConfigError, JobConfig
+from cluster.errors import first_line
 from cluster.events import EventLog, summary as events_summary
 from cluster.evaluate import greedy_score
 from cluster.preflight import JobInputs, check_inputs, resolve_inputs  # noqa: F401 - resolve_inputs re-exported
 from cluster.report import placement_summary, write_report
 from cluster.rollouts import RolloutPump, item_stream, prompt_stream
 from cluster.run_dir import make_private_dir, set_aside
-from cluster.supervisor import ActorLostError, Supervisor, first_line
+from cluster.supervisor import ActorLostError, Supervisor
 from cluster.trainer import Trainer
 from services.buffer_files import clear_spill_dir, copy_snapshot
 from services.status import JobStatus, StatusServer

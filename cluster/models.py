@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.errors import first_line
+
 
 class ModelError(ValueError):
     """The models cannot be used together as configured."""
@@ -27,11 +29,6 @@ class ModelPair:
 # Any one of these next to config.json is a tokenizer AutoTokenizer can load.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "tokenizer_config.json")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0].strip() if text else type(err).__name__
 
 
 def _looks_local(path: str) -> bool:
@@ -53,7 +50,7 @@ def _config(role: str, path: str):
     except (OSError, ValueError) as err:
         where = "" if local.is_dir() else " (not a local directory, so read as a hub id)"
         raise ModelError(f"cannot read models.{role}={path} as a Hugging Face model{where}: "
-                         f"{_first_line(err)}") from None
+                         f"{first_line(err)}") from None
 
 
 def _tokenizer(role: str, path: str):
@@ -65,7 +62,7 @@ def _tokenizer(role: str, path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as err:
-        raise ModelError(f"cannot load the tokenizer of models.{role}={path}: {_first_line(err)}; "
+        raise ModelError(f"cannot load the tokenizer of models.{role}={path}: {first_line(err)}; "
                          f"save the model's tokenizer into it (tokenizer.save_pretrained)") from None
 
 

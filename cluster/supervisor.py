@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import ray
 
 from cluster import logs
+from cluster.errors import first_line
 from cluster.events import EventLog
 
 
@@ -161,15 +162,3 @@ class Supervisor:
 
     def restart_counts(self) -> dict[str, int]:
         return dict(self.total)
-
-
-
-
-def first_line(err: BaseException) -> str:
-    """The line of a Ray error that says what happened (not the task header it starts with)."""
-    import re
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", l).strip() for l in str(err).splitlines()]
-    lines = [l for l in lines if l]
-    telling = [l for l in lines if re.search(r"died|dead|exit|killed|Error:", l, re.I)
-               and not l.startswith("ray::")]
-    return (telling or lines or [type(err).__name__])[0][:300]

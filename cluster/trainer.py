@@ -16,8 +16,9 @@ import ray
 from cluster import checkpoint, logs
 from cluster.actors import Actors
 from cluster.config import JobConfig
+from cluster.errors import first_line
 from cluster.rollouts import Demand
-from cluster.supervisor import ActorLostError, first_line
+from cluster.supervisor import ActorLostError
 from services.status import JobStatus
 
 MAX_NONFINITE_STEPS = 3
