@@ -264,21 +264,19 @@ class JobConfig(_Strict):
         return name
 
     @model_validator(mode="after")
-    def _batch_fits_buffer(self) -> "JobConfig":
-        rows = self.learner.micro_batch * self.learner.actors
-        if self.buffer.capacity_rows < rows:
-            raise ValueError(f"buffer.capacity_rows={self.buffer.capacity_rows} is below one learner "
-                             f"batch (learner.micro_batch x learner.actors = {rows} rows), so no step "
-                             f"could ever be sampled; raise buffer.capacity_rows to at least {rows}")
-        return self
-
-    @model_validator(mode="after")
-    def _models_come_in_pairs(self) -> "JobConfig":
+    def _sections_agree(self) -> "JobConfig":
+        """Checks that span sections: the models come in pairs, own models come with data, and
+        the buffer holds at least one learner batch (else no step is ever sampled: a livelock)."""
         if (self.models.teacher is None) != (self.models.student is None):
             raise ValueError("models.teacher and models.student must both be set, or both left "
                              "empty to build the toy models")
         if (self.models.teacher is not None) and self.data.train is None:
             raise ValueError("data.train must name the prompt file when your own models are set")
+        rows = self.learner.micro_batch * self.learner.actors
+        if self.buffer.capacity_rows < rows:
+            raise ValueError(f"buffer.capacity_rows={self.buffer.capacity_rows} is below one learner "
+                             f"batch (learner.micro_batch x learner.actors = {rows} rows), so no step "
+                             f"could ever be sampled; raise buffer.capacity_rows to at least {rows}")
         return self
 
 
