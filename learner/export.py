@@ -136,12 +136,3 @@ def _write_config(source: Path, dest: Path, dtype: torch.dtype) -> None:
         if key in config or key == "dtype":
             config[key] = name
     (dest / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def find_student_source(checkpoint_or_run: str | Path) -> Optional[Path]:
-    """The exported student inside a run directory or a checkpoint directory, if any."""
-    root = Path(checkpoint_or_run)
-    for candidate in (root / "student", root):
-        if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
-            return candidate
-    return None
