@@ -115,6 +115,7 @@ class Request:
     index: int                  # the actor that generates them (student i, or teacher i)
     items: list                 # the prompts (or reference rows) it was given
     scorer: Optional[int] = None  # the teacher that scores a student request
+    sent_to: tuple = ()         # the actor handles it was last sent to (actor_names' order)
 
     @property
     def rows(self) -> int:
@@ -170,8 +171,15 @@ class RolloutPump:
             if n > 0 and not self._busy(off_source, i):
                 self._send(Request(off_source, i, next_n(self.references or self.stream, n)))
 
+    def _handles(self, req: Request) -> tuple:
+        """The actors that would run ``req`` now, in ``req.actor_names()`` order."""
+        if req.source == "student":
+            return self.students[req.index], self.teachers[req.scorer]
+        return (self.teachers[req.index],)
+
     def _send(self, req: Request) -> None:
         """Chain the request's tasks actor to actor; the driver only holds the last ref."""
+        req.sent_to = self._handles(req)
         if req.source == "student":
             samples = self.students[req.index].sample.remote(req.items)
             rows = self.teachers[req.scorer].score_rows.remote(samples)
@@ -214,8 +222,11 @@ class RolloutPump:
                 if self.supervisor is None:
                     raise
                 # Restart whichever of its actors died (or fail the job past the limit), then
-                # send the same prompts again: no request is lost with its actor.
-                self.supervisor.recover(req.actor_names(), err)
+                # send the same prompts again: no request is lost with its actor. A request sent
+                # to an actor that has been replaced since died with it: that death was handled
+                # already (by the first request to fail), so it is only sent again.
+                if all(a is b for a, b in zip(req.sent_to, self._handles(req))):
+                    self.supervisor.recover(req.actor_names(), err)
                 self._send(req)
                 continue
             now = time.time()
