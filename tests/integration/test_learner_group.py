@@ -138,7 +138,7 @@ def test_learner_steps_follow_the_schedule(ray_cluster, tiny_models):
         remove_placement_group(pg)
 
 
-@pytest.mark.parametrize("zero_stage,tied", [(2, False), (3, True)])
+@pytest.mark.parametrize("zero_stage,tied", [(0, False), (2, False), (3, True)])
 def test_student_export_loads_in_transformers_and_matches_the_push(ray_cluster, tiny_models, tied_model,
                                                                    tmp_path, zero_stage, tied):
     """After a step, the exported HF dir holds the pushed weights (a tied student included: no
@@ -146,6 +146,7 @@ def test_student_export_loads_in_transformers_and_matches_the_push(ray_cluster, 
     from the DeepSpeed checkpoint alone."""
     import json
 
+    from cluster import checkpoint
     from cluster.actors import _learners
     from cluster.export import export_checkpoint
     from cluster.models import ModelPair
@@ -186,6 +187,7 @@ def test_student_export_loads_in_transformers_and_matches_the_push(ray_cluster, 
     # ``ammd export`` from the DeepSpeed state: the same weights.
     (ckpt / "driver.json").write_text(json.dumps({"config": {**cfg.model_dump(),
                                                             "models": {"student": student_dir}}}))
+    checkpoint.seal(ckpt)  # as a job's commit does: export verifies it before reading anything
     again = AutoModelForCausalLM.from_pretrained(export_checkpoint(ckpt, tmp_path / "exported"))
     for name, tensor in again.named_parameters():
         torch.testing.assert_close(tensor.detach(), state[name].detach(), rtol=0, atol=0)

@@ -147,3 +147,62 @@ def test_the_restart_reason_is_the_lost_actors_own_error(ray_cluster):
     sup.recover(["student-0", "teacher-0"], RuntimeError("ray::TeacherActor.score_rows() failed"))
     assert "score_rows" not in sup.health()["student-0"]["last_error"]
     assert not any("score_rows" in line for line in logs), logs
+
+
+@ray.remote(num_cpus=0, concurrency_groups={"health": 1})
+class SlowRollout:
+    """A rollout actor whose requests take a while (so they are in flight when it is killed)."""
+
+    @ray.method(concurrency_group="health")
+    def ping(self):
+        return {"pid": os.getpid(), "time": time.time()}
+
+    def health(self):
+        return {"pid": os.getpid()}
+
+    def load_weights(self, payload, version):
+        return version
+
+    def sample(self, items):
+        return items
+
+    def score_rows(self, samples):
+        time.sleep(3)
+        return samples
+
+    def sample_rows(self, items):
+        time.sleep(3)
+        return items
+
+
+@ray.remote(num_cpus=0)
+class Sink:
+    """The buffer's two calls the pump makes: append counts rows, available reports none."""
+
+    def ping(self):
+        return {"pid": os.getpid()}
+
+    def append(self, rows):
+        return {"tokens": len(rows), "rows": len(rows)}
+
+    def available(self, min_version):
+        return {"on_policy": 0, "off_policy": 0}
+
+
+def test_requests_that_died_with_an_already_replaced_actor_are_only_sent_again(ray_cluster):
+    """Found by the chaos test: a teacher killed with two requests on it (a student's rows to
+    score, and its own samples). The first failure restarted it; the second then found every
+    actor answering and failed the job as 'the replay buffer is the likely loss'."""
+    from cluster.rollouts import Demand, ItemStream, RolloutPump
+
+    group = Group([SlowRollout.remote()], [SlowRollout.remote()])
+    group.buffer = Sink.remote()
+    sup = Supervisor(group, lambda r, i: SlowRollout.remote(), weights=lambda: (None, 0), timeout_s=30)
+    pump = RolloutPump(group.students, group.teachers, group.buffer, ItemStream([(i, [i]) for i in range(50)], 0),
+                       batch_size=4, supervisor=sup, timeout_s=60)
+    pump.top_up(Demand(4, 4, steps_left=10, window=2, min_version=0))
+    assert len(pump.inflight) == 2  # the student's request (scored by teacher-0) and teacher-0's own
+    kill(group.teachers[0])
+    pump.drain()  # both fail; the teacher is restarted once and both are sent again
+    assert sup.restart_counts() == {"teacher-0": 1}
+    assert pump.rows["student"] == 4 and pump.rows["teacher"] == 4
