@@ -9,7 +9,8 @@ side by side on the same input (the modules say how):
   (d) bench/speed_e2e.py      learner steps/s and tokens/s of ammd's job against TRL's GKDTrainer,
                               at the realistic scale and the toy scale;
   (e) bench/speed_memory.py   AMM's per-rank peak memory against forward KL's at a 128k
-                              vocabulary (bench/amm_memory.py, one subprocess per loss).
+                              vocabulary (bench/amm_memory.py, one subprocess per loss);
+  (f) bench/speed_status.py   the toy job's steps/s with and without 50 status requests/s.
 The realistic pair (bench/speed_models.py): Llama-architecture, 32k vocabulary, a ~20M student
 and a ~106M teacher (and a ~297M model for the push), built locally and cached under
 artifacts/speed; bf16 where this CPU runs it faster than fp32, else fp32 (the JSON says which).
@@ -63,14 +64,15 @@ class Plan:
     toy_steps: int
     toy_batch: int
     trl_threads: tuple[int, ...]    # (d): TRL's thread counts
+    status_pairs: int               # (f): unloaded/loaded pairs of toy jobs
 
 
 FULL = Plan(REALISTIC, ("student", "teacher", "push-300M"), rollout_prompts=64, max_tokens=64, stop_every=32,
             repeats=3, job_steps=16, job_batch=16, max_prompt=24, max_response=32, eval_size=8,
-            toy_task="summarize", toy_steps=100, toy_batch=32, trl_threads=(1, 2))
+            toy_task="summarize", toy_steps=100, toy_batch=32, trl_threads=(1, 2), status_pairs=3)
 SMOKE_PLAN = Plan(SMOKE, ("student",), rollout_prompts=8, max_tokens=16, stop_every=32, repeats=1,
                   job_steps=3, job_batch=4, max_prompt=16, max_response=12, eval_size=4,
-                  toy_task="summarize", toy_steps=3, toy_batch=8, trl_threads=(1,))
+                  toy_task="summarize", toy_steps=3, toy_batch=8, trl_threads=(1,), status_pairs=1)
 
 
 def log(msg: str) -> None:
@@ -144,6 +146,7 @@ def run_on_ray(result: dict, plan: Plan, world: SpeedWorld, dtype: str) -> dict:
     from bench.speed_jobs import BASE_CONFIG, measure_overlap, run_jobs
     from bench.speed_push import measure_push
     from bench.speed_rollout import measure_rollout
+    from bench.speed_status import measure_status_load
     from cluster.config import load_config
     from cluster.data import load_prompts
     from cluster.models import check_models
@@ -161,6 +164,8 @@ def run_on_ray(result: dict, plan: Plan, world: SpeedWorld, dtype: str) -> dict:
         run_jobs(realistic_overrides(world, plan, dtype), [0, 1, 2], "realistic", log)))
     toy: dict = {}
     part(toy, "jobs", lambda: {"runs": run_jobs(toy_overrides(plan, dtype), [1], "toy", log)})
+    part(result, "status_load", lambda: measure_status_load(toy_overrides(plan, dtype), pairs=plan.status_pairs,
+                                                            log=log))
     return toy
 
 
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["ratios"] = collect_ratios(result)
     result["wall_seconds"] = round(time.time() - started, 1)
     write_outputs(result, out, args.benchmarks_md and Path(args.benchmarks_md))
-    failed = [k for k in ("rollout", "weight_push", "overlap", "memory") if "error" in result[k]]
+    failed = [k for k in ("rollout", "weight_push", "overlap", "memory", "status_load") if "error" in result[k]]
     failed += [f"e2e.{k}" for k, v in result["e2e"].items() if "error" in v]
     log(f"done in {result['wall_seconds'] / 60:.1f} min; {out / 'speed.json'}"
         + (f"; FAILED parts: {failed}" if failed else ""))

@@ -40,6 +40,8 @@ def collect_ratios(result: dict) -> dict[str, float]:
         if _ok(e):
             ratios[f"d_{scale}_ammd_over_trl_steps_per_s"] = e["ratio_steps"]
             ratios[f"d_{scale}_ammd_over_trl_tokens_per_s"] = e["ratio_tokens"]
+    if _ok(result.get("status_load")):
+        ratios["f_loaded_over_unloaded_steps_per_s"] = result["status_load"]["ratio"]
     if _ok(result.get("memory")):
         for r in result["memory"]["rows"]:
             if r["config"] != "forward_kl":
@@ -175,6 +177,23 @@ def _memory(e: dict | None) -> list[str]:
     return lines + ["", f"Default AMM / forward KL: **{e['ratio']:.2f}x** (target <= {e['target']}x: {_met(e['met'])})"]
 
 
+def _status_load(f: dict | None) -> list[str]:
+    lines = ["#### (f) Watching a job: steps/s under status requests (toy pair)", ""]
+    if f is None:
+        return lines + ["Not run."]
+    if not _ok(f):
+        return lines + _failed(f)
+    lines += [f"The same `cluster.driver.run_job` alternately without requests and with {f['rate']:g} GETs/s "
+              f"of `/status` and `/metrics` from a client thread, on shared rollout actors; timed over the "
+              f"training loop.", "", "| run | status requests | requests answered | loop s | learner steps/s |",
+              "|---|---|---:|---:|---:|"]
+    for i, r in enumerate(f["runs"], 1):
+        lines.append(f"| {i} | {'%g/s' % f['rate'] if r['loaded'] else 'none'} | {r['requests_answered']} | "
+                     f"{r['loop_seconds']:.1f} | {r['steps_per_s']:.3f} |")
+    return lines + ["", f"Loaded / unloaded: **{f['ratio']:.3f}x** steps/s (target >= {f['target']}x, a slowdown "
+                        f"of at most 5%: {_met(f['met'])})"]
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     head = (f"Produced by `{result['command']}` at commit `{result['commit']}` in "
@@ -184,7 +203,8 @@ def markdown(result: dict) -> str:
             f"GPU columns: {m['gpu']}. Raw numbers: `speed.json`.")
     student = result["models"]["student"]["params"]
     parts = [[head], _rollout(result["rollout"], student), _push(result["weight_push"]), _overlap(result["overlap"]),
-             _e2e(result.get("e2e", {}), result["models"]), _memory(result.get("memory"))]
+             _e2e(result.get("e2e", {}), result["models"]), _memory(result.get("memory")),
+             _status_load(result.get("status_load"))]
     return "\n\n".join("\n".join(p) for p in parts)
 
 
