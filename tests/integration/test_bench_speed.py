@@ -55,12 +55,16 @@ def test_smoke_run_measures_every_part(tmp_path):
     same_head = next(r for r in memory["rows"] if r["config"] == f"amm_{memory['default_head']}")
     assert default["head_params"] == same_head["head_params"]  # "default" is the head learner/amm.py names
 
+    status = result["status_load"]  # part (f): watching the job, unloaded and loaded runs
+    assert [r["loaded"] for r in status["runs"]] == [False, True] and status["runs"][1]["requests_answered"] > 0
+    assert all(r["steps_per_s"] > 0 for r in status["runs"]) and status["ratio"] > 0
+
     ratios = result["ratios"]
-    expected = 1 + len(push) * len(TRANSPORTS) + 2 + 2 * 2 + (len(memory["rows"]) - 1)
+    expected = 1 + len(push) * len(TRANSPORTS) + 2 + 2 * 2 + (len(memory["rows"]) - 1) + 1
     assert len(ratios) == expected, ratios
     assert all(math.isfinite(v) and v > 0 for v in ratios.values()), ratios
     text = (tmp_path / "speed.md").read_text()
-    for heading in ("#### (a)", "#### (b)", "#### (c)", "#### (d)", "#### (e)"):
+    for heading in ("#### (a)", "#### (b)", "#### (c)", "#### (d)", "#### (e)", "#### (f)"):
         assert heading in text
 
 
@@ -87,7 +91,11 @@ def fake_result() -> dict:
                                  "ratio_to_forward_kl": 1.04},
                                 {"config": "amm_logratio", "head_params": 99, "peak_mib": 213.0,
                                  "ratio_to_forward_kl": 2.13}],
-                       "ratio": 1.04, "target": 1.5, "met": True}}
+                       "ratio": 1.04, "target": 1.5, "met": True},
+            "status_load": {"runs": [{"loaded": False, "steps_per_s": 5.0, "loop_seconds": 20.0, "requests_answered": 0},
+                                     {"loaded": True, "steps_per_s": 4.9, "loop_seconds": 20.4,
+                                      "requests_answered": 1000}],
+                            "rate": 50.0, "ratio": 0.98, "target": 0.95, "met": True}}
 
 
 def test_report_rewrites_only_its_section(tmp_path):
@@ -99,7 +107,8 @@ def test_report_rewrites_only_its_section(tmp_path):
     assert collect_ratios(result) == {"a_vllm_over_hf_generate_tokens_per_s": 2.0,
                                       "c_staleness1_over_sync_student_tokens_per_s": 1.5,
                                       "e_amm_default_over_forward_kl_peak_memory": 1.04,
-                                      "e_amm_logratio_over_forward_kl_peak_memory": 2.13}
+                                      "e_amm_logratio_over_forward_kl_peak_memory": 2.13,
+                                      "f_loaded_over_unloaded_steps_per_s": 0.98}
     write_outputs(result, tmp_path / "out", md)
     doc = md.read_text()
     assert doc.startswith("# Benchmarks\n\nbefore\n\n") and doc.endswith(f"{END}\n\nThe reading, by hand.\n")
@@ -107,4 +116,5 @@ def test_report_rewrites_only_its_section(tmp_path):
     assert "Not measured: RuntimeError: no RAM" in doc and "**missed**" in doc
     assert "| AMM, default head (`logratio_lowrank`) | 9 | 104 | 1.04 |" in doc
     assert "Default AMM / forward KL: **1.04x** (target <= 1.5x: **met**)" in doc
+    assert "| 2 | 50/s | 1000 | 20.4 | 4.900 |" in doc and "Loaded / unloaded: **0.980x** steps/s" in doc
     assert json.loads((tmp_path / "out" / "speed.json").read_text())["commit"] == "abc1234"
