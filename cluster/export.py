@@ -9,11 +9,13 @@ model the job was started with.
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Optional
 
 from cluster import checkpoint
 from cluster.checkpoint import CheckpointError
+from cluster.errors import first_line
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -56,8 +58,13 @@ def _state_dict(ckpt: Path, zero_stage: int) -> dict:
                               f"{root / CHECKPOINT_TAG}; export another checkpoint of the run "
                               f"(runs/<name>/checkpoints/step-...)")
     if zero_stage == 0:
-        return torch.load(root / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                          weights_only=True)["module"]
+        path = root / CHECKPOINT_TAG / "mp_rank_00_model_states.pt"
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)["module"]
+        except pickle.UnpicklingError as err:  # weights_only refused an object: never run it
+            raise CheckpointError(f"checkpoint {ckpt}: {path} holds not only tensors and plain values "
+                                  f"({first_line(err, 120)}); it is not loaded (a checkpoint is code to "
+                                  f"whoever can write it)") from None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=CHECKPOINT_TAG)
 

@@ -191,6 +191,11 @@ def test_check_refuses_what_run_refuses(capsys, toy_world, tmp_path):
     rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={data}",
                       f"data.eval={toy_world.test_path}", "rollout.off_policy=dataset")
     assert_one_error(rc, err, "line 2 has no 'response' string", "rollout.off_policy=dataset")
+    try:  # W&B asked for but not installed (wandb is no dependency of ammd)
+        import wandb  # noqa: F401
+    except ImportError:
+        rc, err = run_cli(capsys, "check", CONFIG, *own(toy_world, "tracking.wandb_project=p"))
+        assert_one_error(rc, err, "tracking.wandb_project asks for W&B (project 'p')", "pip install wandb")
 
 
 def test_status_port_in_use_and_bad_host_are_refused_before_ray(capsys, toy_world, tmp_path, no_ray):

@@ -82,3 +82,64 @@ def test_starting_over_sets_the_earlier_runs_checkpoints_aside(tmp_path):
     assert (moved / "step-000010" / "payload").read_text() == "10"
     assert checkpoint.latest(checkpoint.checkpoints_root(run)) is None
     assert checkpoint.set_aside(run) is None  # nothing left to move
+
+
+# --- issue 21: checksums before unpickling, private files ---------------------------------------
+
+def test_a_committed_checkpoint_is_sealed_private_and_verified(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt = save(root, 10)
+    (ckpt / "buffer").mkdir(mode=0o755)  # written after the seal: not listed
+    listed = json.loads((ckpt / "checksums.json").read_text())["files"]
+    assert set(listed) == {"payload", "driver.json"}
+    assert ckpt.stat().st_mode & 0o777 == 0o700 and (ckpt / "payload").stat().st_mode & 0o777 == 0o600
+    checkpoint.verify(ckpt)  # an empty directory is no file
+    (ckpt / "buffer" / "evil.pt").write_bytes(b"x")
+    with pytest.raises(checkpoint.CheckpointError, match=r"does not list \(buffer/evil.pt\)"):
+        checkpoint.verify(ckpt)
+    (ckpt / "buffer" / "evil.pt").unlink()
+    (ckpt / "payload").write_text("99")  # same size, other bytes
+    with pytest.raises(checkpoint.CheckpointError, match=r"payload differs from its checksum"):
+        checkpoint.verify(ckpt)
+
+
+def test_a_buffer_segment_is_left_to_the_buffers_own_checksum(tmp_path):
+    """A rotten segment costs its rows (the buffer skips and reports it), not the checkpoint."""
+    root = tmp_path / "checkpoints"
+    tmp = checkpoint.begin(root, 10)
+    (tmp / "buffer").mkdir()
+    (tmp / "buffer" / "segment-000000000000.arrow").write_bytes(b"rows")
+    (tmp / "buffer" / "manifest.json").write_text("{}")
+    ckpt = checkpoint.commit(root, tmp, 10, {"trainer": {"step": 10}}, 2)
+    (ckpt / "buffer" / "segment-000000000000.arrow").write_bytes(b"rot!")
+    checkpoint.verify(ckpt)
+    (ckpt / "buffer" / "manifest.json").write_text("[]")
+    with pytest.raises(checkpoint.CheckpointError, match=r"manifest.json differs from its checksum"):
+        checkpoint.verify(ckpt)
+
+
+def test_a_pickle_that_runs_code_is_refused_even_with_valid_checksums(tmp_path):
+    """Whoever can write a checkpoint can also reseal it; ammd's own files still load with
+    weights_only=True, so a crafted ZeRO-0 model state is refused, its payload never run."""
+    import pickle
+
+    import torch
+
+    from cluster.export import _state_dict
+    from learner.learner_actor import CHECKPOINT_TAG
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "deepspeed" / CHECKPOINT_TAG).mkdir(parents=True)
+    with open(ckpt / "deepspeed" / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", "wb") as f:
+        pickle.dump({"module": Payload()}, f)
+    with pytest.raises(checkpoint.CheckpointError, match=r"not only tensors and plain values"):
+        _state_dict(ckpt, zero_stage=0)
+    assert not marker.exists()
+    torch.save({"module": {"w": torch.ones(2)}}, ckpt / "deepspeed" / CHECKPOINT_TAG / "mp_rank_00_model_states.pt")
+    assert torch.equal(_state_dict(ckpt, zero_stage=0)["w"], torch.ones(2))
