@@ -5,9 +5,8 @@ encoding the whole state in the driver's process).
 
 The runs alternate, unloaded then loaded, ``pairs`` times, on one set of rollout actors (vLLM
 starts once); each is a ``cluster.driver.run_job`` timed in its training loop
-(``bench.speed_jobs.loop_probe``). A client thread in the bench's own process (as a
-Prometheus scraper and a browser tab would be: outside the driver's work) sends the requests
-at ``rate`` per second and counts the answers. Target: the loaded job keeps >= 95% of the
+(``bench.speed_jobs.loop_probe``). A client process of its own (as a Prometheus scraper and a
+browser tab are) sends the requests at ``rate`` per second and counts the answers. Target: the loaded job keeps >= 95% of the
 unloaded job's steps/s.
 """
 from __future__ import annotations
@@ -16,7 +15,7 @@ import contextlib
 import shutil
 import statistics
 import tempfile
-import threading
+import multiprocessing
 import time
 import urllib.request
 from pathlib import Path
@@ -27,33 +26,43 @@ TARGET = 0.95
 
 
 class Load:
-    """GETs at ``rate``/s, alternating /status and /metrics, until stopped; counts 200s."""
+    """GETs at ``rate``/s, alternating /status and /metrics, from a process of its own (as a
+    Prometheus scraper or a browser tab is: a client thread in the driver's process would
+    charge the job for the client's work too) until stopped; ``answered`` counts the 200s."""
 
     def __init__(self, url: str, rate: float):
-        self.url, self.period, self.answered = url, 1.0 / rate, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        ctx = multiprocessing.get_context("spawn")
+        self._stop, self._answered = ctx.Event(), ctx.Value("i", 0)
+        self.process = ctx.Process(target=_send_requests, args=(url, rate, self._stop, self._answered),
+                                   daemon=True)
 
-    def _run(self) -> None:
-        paths, n, next_at = ("/status", "/metrics"), 0, time.perf_counter()
-        while not self.stop.is_set():
-            try:
-                with urllib.request.urlopen(self.url + paths[n % 2], timeout=2) as r:
-                    r.read()
-                    self.answered += r.status == 200
-            except OSError:
-                pass  # the server is not up yet, or already gone
-            n += 1
-            next_at += self.period
-            self.stop.wait(max(0.0, next_at - time.perf_counter()))
+    @property
+    def answered(self) -> int:
+        return self._answered.value
 
     def __enter__(self) -> "Load":
-        self.thread.start()
+        self.process.start()
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
+        self._stop.set()
+        self.process.join(timeout=10)
+
+
+def _send_requests(url: str, rate: float, stop, answered) -> None:
+    paths, n, period, next_at = ("/status", "/metrics"), 0, 1.0 / rate, time.perf_counter()
+    while not stop.is_set():
+        try:
+            with urllib.request.urlopen(url + paths[n % 2], timeout=2) as r:
+                r.read()
+                if r.status == 200:
+                    with answered.get_lock():
+                        answered.value += 1
+        except OSError:
+            pass  # the server is not up yet, or already gone
+        n += 1
+        next_at += period
+        stop.wait(max(0.0, next_at - time.perf_counter()))
 
 
 def measure_status_load(overrides: list[str], rate: float = 50.0, pairs: int = 2,
