@@ -89,6 +89,10 @@ class Actors:
     def all(self) -> list:
         return [self.buffer, *self.students, *self.teachers, *self.learners]
 
+    def learner_names(self) -> list[str]:
+        """The learner ranks' names, in rank order, as errors and logs name them."""
+        return [f"learner-{i}" for i in range(len(self.learners))]
+
 
 def engine_options(cfg: JobConfig, role: str, pair: ModelPair, index: int) -> dict[str, Any]:
     """The keyword arguments of the engine (``rollout.engine``) of rollout actor ``role``-``index``."""
@@ -121,8 +125,7 @@ def _rollout(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, index: 
     r = cfg.rollout
     return cls.remote(role, r.engine, model_dir, max_response_tokens=cfg.data.max_response_tokens,
                       temperature=r.temperature, topk=r.topk, stop_token_ids=pair.stop_token_ids,
-                      engine_options=engine_options(cfg, role, pair, index), transport=cfg.learner.weight_transport,
-                      threads=r.threads)
+                      engine_options=engine_options(cfg, role, pair, index), threads=r.threads)
 
 
 def _learner_group(cfg: JobConfig) -> tuple[Any, list[int]]:

@@ -152,50 +152,19 @@ class LearnerWorker:
                                 getattr(torch, dtype), is_rank0=self.rank == 0)
 
     def export_weights(self, transport: str, bucket_mib: int, dtype: str) -> Optional[Any]:
-        """Full weights in HF names, sent by rank 0 one gathered bucket at a time; every rank
-        must call it (under ZeRO-3 each bucket is a collective gather).
-
-        object_store: rank 0 returns the buckets. collective: rank 0 broadcasts each bucket on the
-        side-band group (``join_weight_group``) while the students receive, and returns
-        {"buckets", "bytes", "error"}; ``error`` (None when all went well) says why the broadcast
-        stopped. Other ranks return None.
+        """Full weights in HF names as ``transport`` sends them (``learner.weight_sync``): every
+        rank must call it, because under ZeRO-3 each gathered bucket is a collective; rank 0
+        sends. Returns rank 0's result (the buckets for object_store; {"buckets", "bytes",
+        "error"} for collective, ``error`` None when the broadcast went through) and None on
+        the other ranks. A tied output head is named in the push (``with_tied_head``).
         """
         from learner.export import tied_head, with_tied_head
         from learner.weight_sync import make_transport
 
-        if transport == "collective":
-            return self._broadcast_weights(bucket_mib, dtype)
-        sender = make_transport(transport, bucket_mib=bucket_mib)
+        sender = make_transport(transport, bucket_mib=bucket_mib, group=self.weight_group)
         tied = tied_head(self.engine.module)
-        payload = [b for bucket in self._buckets(bucket_mib, dtype)
-                   for b in sender.send(with_tied_head(bucket, tied), self.steps)]
-        return payload if self.rank == 0 else None
-
-    def _broadcast_weights(self, bucket_mib: int, dtype: str) -> Optional[dict[str, Any]]:
-        """The collective export. A failed broadcast stops rank 0's sending and leaves the side
-        band, but never the gathers: the other ranks are in them and must not be left hanging."""
-        from learner.export import tied_head, with_tied_head
-        from learner.weight_sync import make_transport
-
-        sender = make_transport("collective", bucket_mib=bucket_mib, group=self.weight_group)
-        tied = tied_head(self.engine.module)
-        sent, error = {"buckets": 0, "bytes": 0}, None
-        for bucket in self._buckets(bucket_mib, dtype):
-            if self.rank != 0 or error is not None:
-                continue  # still take part in every gather
-            try:
-                for key, n in sender.send(with_tied_head(bucket, tied), self.steps).items():
-                    sent[key] += n
-            except Exception as err:  # noqa: BLE001 - reported to the driver, which falls back
-                error = self._side_band_failed(err)
-        if self.rank != 0:
-            return None
-        if error is None:
-            try:
-                sender.finish()
-            except Exception as err:  # noqa: BLE001
-                error = self._side_band_failed(err)
-        return {**sent, "error": error}
+        gathered = (with_tied_head(bucket, tied) for bucket in self._buckets(bucket_mib, dtype))
+        return sender.export(gathered, self.steps, is_rank0=self.rank == 0)
 
     # -- the side-band group of the collective weight transport (rank 0 only) ------------------
     def open_weight_store(self, timeout_s: float) -> tuple[str, int]:
@@ -211,20 +180,15 @@ class LearnerWorker:
         """Rank 0: form the side-band group (rank 0 of ``size``) on the store ``open_weight_store``
         made, while the students join it. Returns None, or what went wrong (the driver then falls
         back to the object store)."""
-        from learner.weight_sync import join_group
+        from learner.weight_sync import failure_line, join_group
 
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         try:
             self.weight_group = join_group(self._weight_store, 0, size, backend, timeout_s)
         except Exception as err:  # noqa: BLE001 - reported, not raised: the job goes on without it
-            return self._side_band_failed(err)
+            self.close_weight_group()
+            return failure_line("learner-0", err)
         return None
-
-    def _side_band_failed(self, err: BaseException) -> str:
-        """Leave the side-band group after ``err``; returns one line for the driver's log."""
-        self.close_weight_group()
-        lines = str(err).strip().splitlines()
-        return f"learner-0: {type(err).__name__}: {lines[0][:300] if lines else ''}"
 
     def close_weight_group(self) -> None:
         """Rank 0: leave the side-band group, if any (its peers' broadcasts fail at once)."""

@@ -4,8 +4,11 @@ Weights travel in buckets: each bucket is one flat byte buffer plus a table of
 (name, dtype, shape, offset) entries, so a push is a handful of transfers, never one RPC per
 parameter. Bytes are dtype-agnostic, which carries bf16 (numpy has no bf16) unchanged.
 
-A transport moves buckets from learner rank 0 to every rollout actor. It is picked once from
-``learner.weight_transport``; the learner side calls ``send`` and the rollout side ``receive``.
+A transport moves buckets from learner rank 0 to every rollout actor (``WeightTransport``). Each
+side builds it by name from ``TRANSPORTS`` (``make_transport``): every learner rank calls
+``export`` on the gathered buckets (``LearnerWorker.export_weights``), the rollout side iterates
+``receive``. The driver's side of each transport, which actor calls a push makes and what it
+falls back to, is ``cluster.weight_push`` (``ROUTES``, under the same names).
 - ``object_store``: buckets are numpy arrays in Ray's object store (zero-copy reads on the
   same node). Works everywhere Ray works, so it is the default and the fallback.
 - ``collective``: learner rank 0 broadcasts each bucket, as the ZeRO-3 gather yields it, over a
@@ -106,10 +109,23 @@ def decode_header(raw: torch.Tensor) -> list[tuple[str, str, tuple[int, ...], in
 
 
 class WeightTransport(Protocol):
-    name: str
+    """How buckets travel from learner rank 0 to the student rollout actors.
+
+    Built on each side with ``make_transport(name, bucket_mib=..., group=...)``; ``group`` is the
+    side-band membership for a transport that uses one, and ignored by the others.
+    """
+
+    name: str  # its key in TRANSPORTS, learner.weight_transport and cluster.weight_push.ROUTES
 
     def send(self, named: Iterable[tuple[str, torch.Tensor]], version: int) -> object:
-        """Learner rank 0: package the weights; returns what the driver hands to receivers."""
+        """Learner rank 0: move one gathered bucket's (name, tensor) pairs; returns what it made."""
+
+    def export(self, gathered: Iterable[list[tuple[str, torch.Tensor]]], version: int,
+               is_rank0: bool) -> object:
+        """Every learner rank: consume every gathered bucket (each may be a ZeRO-3 collective, so
+        no rank may stop early) and send them from rank 0. Returns what ``export_weights`` hands
+        the driver from rank 0, and None on the other ranks. A failure that the driver can fall
+        back from is reported in the result, never raised."""
 
     def receive(self, payload: object) -> Iterator[tuple[str, torch.Tensor]]:
         """Rollout side: turn the payload back into (name, tensor) pairs."""
@@ -120,11 +136,17 @@ class ObjectStoreTransport:
 
     name = "object_store"
 
-    def __init__(self, bucket_mib: int = 64):
-        self.bucket_bytes = bucket_mib * 2**20
+    def __init__(self, bucket_mib: int = 64, group: Optional[WeightGroup] = None):
+        self.bucket_bytes = bucket_mib * 2**20  # ``group`` is ignored: no side band here
 
     def send(self, named: Iterable[tuple[str, torch.Tensor]], version: int) -> list[Bucket]:
         return pack_buckets(named, self.bucket_bytes)
+
+    def export(self, gathered: Iterable[list[tuple[str, torch.Tensor]]], version: int,
+               is_rank0: bool) -> Optional[list[Bucket]]:
+        """Rank 0's buckets, which Ray stores as the return value (None on the other ranks)."""
+        payload = [b for bucket in gathered for b in self.send(bucket, version)]
+        return payload if is_rank0 else None
 
     def receive(self, payload: list[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
         for bucket in payload:
@@ -144,15 +166,33 @@ class WeightGroup:
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``tensor`` into every member's ``tensor`` (in place); returns it."""
+        if self.pg is None:
+            raise RuntimeError("this side-band group was left (WeightGroup.close)")
         self.pg.broadcast(tensor, 0).wait()
         return tensor
 
     def close(self) -> None:
-        """Leave the group: peers blocked in a broadcast with this member fail at once."""
+        """Leave the group: peers blocked in a broadcast with this member fail at once. The
+        process group is shut down and dropped here, whoever still holds this object: its
+        sockets close when it is freed (a gloo group's ``shutdown`` alone leaves the peers
+        waiting out the timeout). Leaving twice is leaving once."""
+        pg, self.pg = self.pg, None
+        if pg is None:
+            return
         try:
-            self.pg.shutdown()
+            pg.shutdown()
         except Exception:  # noqa: BLE001 - a broken group is being left anyway
             pass
+
+    @property
+    def closed(self) -> bool:
+        return self.pg is None
+
+
+def failure_line(who: str, err: BaseException) -> str:
+    """One line for the driver's log: who failed, the error's type and its first line."""
+    lines = str(err).strip().splitlines()
+    return f"{who}: {type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def host_rendezvous(timeout_s: float) -> tuple[Any, tuple[str, int]]:
@@ -193,8 +233,9 @@ def join_group(rendezvous: Any, rank: int, size: int, backend: str, timeout_s: f
 class CollectiveTransport:
     """Buckets broadcast from learner rank 0 over a ``WeightGroup`` (see the module docstring).
 
-    Rank 0 calls ``send`` once per gathered bucket and ``finish`` after the last; every other
-    member iterates ``receive`` to its end, at the same time. Nothing passes through the driver.
+    Rank 0 calls ``send`` once per gathered bucket and ``finish`` after the last (``export`` does
+    both); every other member iterates ``receive`` to its end, at the same time. Nothing passes
+    through the driver.
     """
 
     name = "collective"
@@ -206,7 +247,7 @@ class CollectiveTransport:
     def _group(self) -> WeightGroup:
         if self.group is None:
             raise RuntimeError("the collective weight transport has no side-band group: the driver "
-                               "forms one (Trainer.push_weights) before the first push")
+                               "forms one (cluster.weight_push.CollectiveRoute) before the first push")
         return self.group
 
     def send(self, named: Iterable[tuple[str, torch.Tensor]], version: int) -> dict[str, int]:
@@ -225,6 +266,38 @@ class CollectiveTransport:
         """Rank 0: tell the receivers that the push is complete."""
         group = self._group()
         group.broadcast(torch.zeros(2, dtype=torch.int64, device=group.device))
+
+    def export(self, gathered: Iterable[list[tuple[str, torch.Tensor]]], version: int,
+               is_rank0: bool) -> Optional[dict[str, Any]]:
+        """Broadcast every gathered bucket from rank 0, then ``finish``; returns {"buckets",
+        "bytes", "error"} on rank 0 (None elsewhere), ``error`` None when all went well.
+
+        A failed broadcast stops rank 0's sending and leaves the side band (its peers stop at
+        once), but never the gathers: the other ranks are in them and must not be left hanging.
+        """
+        sent, error = {"buckets": 0, "bytes": 0}, None
+        for bucket in gathered:
+            if not is_rank0 or error is not None:
+                continue  # still take part in every gather
+            try:
+                for key, n in self.send(bucket, version).items():
+                    sent[key] += n
+            except Exception as err:  # noqa: BLE001 - reported to the driver, which falls back
+                error = self._leave(err)
+        if not is_rank0:
+            return None
+        if error is None:
+            try:
+                self.finish()
+            except Exception as err:  # noqa: BLE001
+                error = self._leave(err)
+        return {**sent, "error": error}
+
+    def _leave(self, err: BaseException) -> str:
+        """Leave the side band after ``err`` (the sender is learner rank 0); returns the log line."""
+        if self.group is not None:
+            self.group.close()
+        return failure_line("learner-0", err)
 
     def receive(self, payload: object = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Other ranks: yield (name, tensor) views, a bucket at a time, until rank 0's ``finish``."""

@@ -41,16 +41,15 @@ class Samples:
 class RolloutWorker:
     def __init__(self, role: str, engine: str, model_dir: str, *, max_response_tokens: int,
                  temperature: float, topk: int, stop_token_ids: list[int],
-                 engine_options: dict[str, Any], transport: str = "object_store", threads: int = 1):
+                 engine_options: dict[str, Any], threads: int = 1):
         import torch
         torch.set_num_threads(threads)  # before vLLM starts: its CPU worker pins the thread count
         self.role = role
         self.topk = topk
         self.sampling = SamplingConfig(max_response_tokens, temperature, 0, tuple(stop_token_ids))
         self.engine = make_engine(engine, model_dir, **engine_options)
-        # ``load_weights`` always reads the object store (the default transport, and the collective
-        # one's fallback); ``transport`` only says which one the driver pushes with.
-        self.transport = transport
+        # A student takes every transport's push (the driver picks one per push, cluster.weight_push):
+        # ``load_weights`` reads the object store, ``receive_weights`` the side band.
         self.object_store = make_transport("object_store")
         self.weight_group: WeightGroup | None = None  # the collective transport's side band
         self.tokens_out = 0

@@ -55,6 +55,14 @@ def run_members(size: int, work, timeout_s: float = 20.0) -> list:
     return results, errors
 
 
+def seconds_until_receive_fails(transport: CollectiveTransport) -> float:
+    """A receiver whose sender left the side band: how long until its ``receive`` raised."""
+    t0 = time.time()
+    with pytest.raises(RuntimeError):
+        list(transport.receive())
+    return time.time() - t0
+
+
 def test_buckets_broadcast_bit_exact_to_every_receiver():
     named = with_tied_head(named_tensors(), ("lm_head.weight", "model.embed_tokens.weight"))
 
@@ -63,10 +71,9 @@ def test_buckets_broadcast_bit_exact_to_every_receiver():
         assert isinstance(transport, CollectiveTransport)
         if group.rank == 0:
             transport.bucket_bytes = 2000  # several buckets, as a big model's push has
-            sent = transport.send(named[:3], version=1)
-            more = transport.send(named[3:], version=1)  # a second gathered bucket
-            transport.finish()
-            return sent["buckets"] + more["buckets"]
+            sent = transport.export(iter([named[:3], named[3:]]), version=1, is_rank0=True)  # two gathers
+            assert sent["error"] is None and sent["bytes"] > 0
+            return sent["buckets"]
         return [(n, t.clone()) for n, t in transport.receive()]
 
     results, errors = run_members(3, work)
@@ -89,14 +96,46 @@ def test_a_sender_that_leaves_fails_its_receivers_at_once():
             transport.send(named_tensors()[:1], version=1)
             group.close()  # what learner rank 0 does when its broadcast fails
             return None
-        t0 = time.time()
-        with pytest.raises(RuntimeError):
-            list(transport.receive())
-        return time.time() - t0
+        return seconds_until_receive_fails(transport)
 
     results, errors = run_members(2, work, timeout_s=60.0)
     assert not errors
     assert results[1] < 10.0
+
+
+def test_a_failed_send_is_reported_leaves_the_band_and_still_takes_every_gather():
+    """What ``LearnerWorker.export_weights`` relies on: a send that fails on rank 0 is reported
+    (the driver falls back), not raised; rank 0 leaves the side band, so the students stop at
+    once, even while rank 0 still holds its group (as the learner actor does until the driver
+    tells it to drop it); and every gathered bucket is still consumed, because under ZeRO-3 the
+    other learner ranks are in those gathers."""
+    gathers, received = [], threading.Event()
+
+    def gathered():
+        buckets = [named_tensors()[:2], [("unreadable", torch.empty(3, device="meta"))], named_tensors()[2:]]
+        for i, bucket in enumerate(buckets):
+            gathers.append(i)
+            yield bucket
+
+    def work(group):
+        transport = make_transport("collective", bucket_mib=1, group=group)
+        if group.rank == 0:
+            sent = transport.export(gathered(), version=1, is_rank0=True)
+            received.wait(30.0)  # still holding ``group``
+            return sent, group.closed
+        try:
+            return seconds_until_receive_fails(transport)
+        finally:
+            received.set()
+
+    results, errors = run_members(2, work, timeout_s=60.0)
+    assert not errors
+    (sent, left), waited = results
+    assert gathers == [0, 1, 2] and left
+    assert sent["buckets"] == 1 and sent["error"].startswith("learner-0: NotImplementedError: ")
+    assert waited < 10.0
+    # Another learner rank only takes part in the gathers.
+    assert CollectiveTransport().export(iter([[], []]), version=1, is_rank0=False) is None
 
 
 def test_sending_without_a_group_says_so():

@@ -30,6 +30,21 @@ def test_transport_registry():
         make_transport("carrier_pigeon")
 
 
+def test_object_store_export_keeps_rank0s_buckets_and_every_rank_takes_every_gather():
+    gathers = []
+
+    def gathered(rank0: bool):
+        for bucket in ([("a", torch.ones(3))], [("b", torch.zeros(2, 2))]):
+            gathers.append(rank0)
+            yield bucket if rank0 else []  # other ranks get empty lists (learner.export.gathered_buckets)
+
+    t = make_transport("object_store", bucket_mib=1)
+    payload = t.export(gathered(True), version=3, is_rank0=True)
+    assert [name for bucket in payload for name, _ in unpack_bucket(bucket)] == ["a", "b"]
+    assert t.export(gathered(False), version=3, is_rank0=False) is None
+    assert gathers == [True, True, False, False]
+
+
 def test_unpack_of_read_only_buffer_copies():
     # Ray hands out read-only numpy arrays from the object store.
     (bucket,) = pack_buckets([("x", torch.ones(4))], 1 << 20)
