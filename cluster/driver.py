@@ -161,7 +161,8 @@ def _assemble(inputs: JobInputs, actors, status: JobStatus, trackers: tracking.T
     """The trainer, the supervisor of the rollout actors and the rollout pump, wired together."""
     cfg = inputs.cfg
     trainer = Trainer(cfg, actors, status, inputs.run_dir, hint, log)
-    supervisor = Supervisor(actors, rollout_factory(cfg, inputs.pair), trainer.weights,
+    restart_weights = trainer.weight_push.payload_for_restart  # a restarted student's first load
+    supervisor = Supervisor(actors, rollout_factory(cfg, inputs.pair), restart_weights,
                             max_restarts=cfg.rollout.max_restarts, window_s=cfg.rollout.restart_window_s,
                             timeout_s=cfg.ray.actor_timeout_s, log=log, how_to_resume=trainer.how_to_resume)
     references = inputs.references
@@ -189,6 +190,7 @@ def _run(job: Job, started: float) -> dict[str, Any]:
     log(f"after training: student {after['score']:.3f} (was {trainer.scores['before']:.3f}, "
         f"teacher {trainer.scores['teacher']:.3f})")
     student_dir = trainer.export_student(inputs.run_dir / "student")
+    trainer.weight_push.close()  # the job's pushes are over: a side band is left, the payload freed
     log(f"student written to {student_dir}")
     report = _report(job, after, student_dir, started)
     log(f"report written to {write_report(inputs.run_dir, report)}")
@@ -231,7 +233,7 @@ def _record_recovery(actors, events: EventLog, timeout: float) -> None:
 
 def _report(job: Job, after: dict, student_dir: Path, started: float) -> dict:
     trainer, cfg = job.trainer, job.inputs.cfg
-    buffer_stats = trainer.wait(trainer.actors.buffer.stats.remote(), "the replay buffer")
+    buffer_stats = trainer.waiter.wait(trainer.actors.buffer.stats.remote(), "the replay buffer")
     whole_job = events_summary(EventLog(job.inputs.run_dir).read())  # every process of the job
     return {
         "name": cfg.name, "metric": cfg.eval.metric,
@@ -329,14 +331,15 @@ def _publish(job: Job) -> None:
     trainer, pump, supervisor = job.trainer, job.pump, job.supervisor
     # Liveness from real answers: every actor is pinged and its last answer timed.
     supervisor.probe()
-    buffer = trainer.wait(trainer.actors.buffer.stats.remote(), "the replay buffer")
+    buffer = trainer.waiter.wait(trainer.actors.buffer.stats.remote(), "the replay buffer")
     rollout_tps, learner_tps = pump.tokens_per_s(), trainer.learner_tokens_per_s()
+    push = trainer.weight_push
     trainer.status.update(actors=_with_actor_rates(supervisor.health(), pump.actor_tokens_per_s()),
                           step=trainer.step, weight_version=trainer.version,
                           buffer=buffer, rollout_usage=pump.usage(buffer["served_by_source"]),
                           restarts=supervisor.restart_counts(), rollout_tokens_per_s=rollout_tps,
-                          learner_tokens_per_s=learner_tps, weight_pushes=trainer.weight_pushes,
-                          weight_push_seconds=trainer.weight_push_seconds, sampled_age=trainer.sampled_age)
+                          learner_tokens_per_s=learner_tps, weight_pushes=push.pushes,
+                          weight_push_seconds=push.seconds, sampled_age=trainer.sampled_age)
     trainer.status.record_throughput(trainer.step, learner_tps, rollout_tps)
 
 

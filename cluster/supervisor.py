@@ -24,17 +24,14 @@ import ray
 from cluster import logs
 from cluster.errors import first_line
 from cluster.events import EventLog
-
-
-class ActorLostError(RuntimeError):
-    """An actor died or stopped answering and the job cannot go on without it."""
+from cluster.waiting import ActorLostError
 
 
 @dataclass
 class Supervisor:
     actors: Any                                   # cluster.actors.Actors (lists are replaced in place)
     make_rollout: Callable[[str, int], Any]       # (role, index) -> a started (not yet ready) actor
-    weights: Callable[[], tuple[Any, int]]        # an object-store weight payload and its version
+    weights: Callable[[], tuple[Any, int]]        # WeightPush.payload_for_restart: a payload, its version
     max_restarts: int = 3
     window_s: float = 3600.0
     timeout_s: float = 600.0
@@ -102,10 +99,10 @@ class Supervisor:
         fresh = self.make_rollout(role, index)
         ray.get(fresh.health.remote(), timeout=self.timeout_s)
         if role == "student":
-            # Always an object-store payload, whatever learner.weight_transport is: a fresh actor is
-            # not in the collective transport's side band, and forming a group of every student
-            # here would hang on any other student in trouble. Trainer.weights exports one when the
-            # side band kept none; the next push forms the group again, with this actor in it.
+            # Always an object-store payload, whatever the transport: a fresh actor is in no side
+            # band, and forming a group of every student here would hang on any other student in
+            # trouble. WeightPush.payload_for_restart exports one when the last push kept none; the
+            # next collective push forms the group again, with this actor in it.
             payload, version = self.weights()
             ray.get(fresh.load_weights.remote(payload, version), timeout=self.timeout_s)
         group[index] = fresh

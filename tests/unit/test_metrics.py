@@ -156,13 +156,16 @@ def test_rollout_actors_get_their_rates_and_zero_before_their_first_rows():
 
 
 def test_sampled_age_of_a_batch():
-    # The real method on a real buffer batch; Trainer.__new__ skips the actors the method never uses.
+    # The real method on a real buffer batch; Trainer.__new__ skips the actors the method never uses,
+    # and the push object has no routes: the method only reads the version it holds.
     from cluster.trainer import Trainer
+    from cluster.weight_push import WeightPush
     from services.buffer_schema import rows_to_batch
     from tests.unit.test_replay_buffer import make_row
 
     trainer = Trainer.__new__(Trainer)
-    trainer.version, trainer.max_lag = 7, 0
+    trainer.weight_push, trainer.max_lag = WeightPush(None, None, lambda: 0), 0
+    trainer.weight_push.version = 7
     rows = [make_row(0, "student", version=7), make_row(1, "student", version=5),
             make_row(2, "teacher", version=0), make_row(3, "student", version=6)]
     trainer._note_lag(rows_to_batch(rows))
