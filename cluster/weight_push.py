@@ -32,6 +32,7 @@ from cluster.actors import Actors
 from cluster.config import JobConfig
 from cluster.errors import first_line
 from cluster.waiting import Waiter
+from learner.collectives import collective_backend
 
 
 class TransportFailed(RuntimeError):
@@ -124,7 +125,7 @@ class CollectiveRoute:
         rank0, timeout = self.actors.learners[0], self.side_band_timeout_s
         address = self.waiter.wait(rank0.open_weight_store.remote(timeout), "learner-0")
         size = len(students) + 1
-        backend = "nccl" if self.cfg.learner.device == "cuda" else "gloo"
+        backend = collective_backend(self.cfg.learner.device)
         joins = [s.join_weight_group.remote(address, i + 1, size, backend, timeout)
                  for i, s in enumerate(students)]
         errors = self._side_band([rank0.join_weight_group.remote(size, timeout)], ["learner-0"], joins)

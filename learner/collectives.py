@@ -1,11 +1,20 @@
 """The learner group's own collectives (beside DeepSpeed's): each keeps its tensors on the device
 they were computed on, because NCCL, the GPU backend, has no CPU collectives; a host tensor in an
 NCCL all-reduce fails at run time, on the first GPU job. gloo (CPU) accepts either.
+
+``collective_backend`` is the one place that picks NCCL or gloo for a device: the learner
+group's (DeepSpeed's) and the weight push's side band (``learner.weight_sync``) alike.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+
+def collective_backend(device: str) -> str:
+    """The torch.distributed backend for tensors on ``device`` ("cuda" or "cpu"): NCCL on GPU,
+    gloo on CPU."""
+    return "nccl" if device == "cuda" else "gloo"
 
 
 def _grouped() -> bool:

@@ -62,12 +62,13 @@ class LearnerWorker:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
+        from learner.collectives import collective_backend
         from learner.objective import make_objective
         from learner.schedule import make_lr_scheduler, warmup_steps
 
         self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
         self.device = torch.device("cuda", torch.cuda.current_device()) if learner["device"] == "cuda" else torch.device("cpu")
-        deepspeed.init_distributed(dist_backend="nccl" if learner["device"] == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend=collective_backend(learner["device"]))
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         # teacher_signal=full: the teacher runs here, frozen, and every loss sees its full
         # logits instead of the rollout actors' top-k (exact, at the cost of a teacher forward).
@@ -180,11 +181,12 @@ class LearnerWorker:
         """Rank 0: form the side-band group (rank 0 of ``size``) on the store ``open_weight_store``
         made, while the students join it. Returns None, or what went wrong (the driver then falls
         back to the object store)."""
+        from learner.collectives import collective_backend
         from learner.weight_sync import failure_line, join_group
 
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
         try:
-            self.weight_group = join_group(self._weight_store, 0, size, backend, timeout_s)
+            self.weight_group = join_group(self._weight_store, 0, size, collective_backend(self.device.type),
+                                           timeout_s)
         except Exception as err:  # noqa: BLE001 - reported, not raised: the job goes on without it
             self.close_weight_group()
             return failure_line("learner-0", err)

@@ -65,3 +65,8 @@ def test_no_raw_collectives_in_the_learner_group():
     offenders = [name for name in group_files if any(
         f"dist.{op}(" in (root / name).read_text() for op in ("all_reduce", "all_gather", "broadcast", "reduce_scatter"))]
     assert offenders == []
+
+
+def test_one_backend_per_device_for_every_group():
+    """DeepSpeed's group and the weight push's side band pick their backend in one place."""
+    assert col.collective_backend("cuda") == "nccl" and col.collective_backend("cpu") == "gloo"
