@@ -3,10 +3,10 @@
 Each run is one ``cluster.driver.run_job`` (the same entry point as ``ammd run``) on rollout
 actors shared by the runs of one model pair, so vLLM starts once per pair; every job resets the
 student engine to the initial student and starts its own buffer and DeepSpeed learner. What is
-measured is the training loop alone (``cluster.driver._train``: from the first rollout request
-to the last step's push, the final drain included), not the start-up, the evaluations before
-and after, or the export: ``loop_probe`` wraps that function for the duration (it changes no
-behaviour) and reads, just before and just after it,
+measured is the training loop alone (from the first rollout request to the last step's push,
+the final drain included), not the start-up, the evaluations before and after, or the export:
+``LoopProbe``, an observer of the job (cluster.job_state.JobObserver), times the loop's
+"training" to "trained" phases and reads, just before and just after it,
 - the learner rank 0's ``stats()`` (``busy_seconds``: time inside ``train_step``),
 - the driver's ``Trainer`` counters (steps, trained tokens = response tokens of all ranks),
 - each student rollout actor's ``tokens_out`` and ``busy_seconds`` (generation only).
@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import ray
 
 from bench.speed_rollout import _vllm_counters
+from cluster.job_state import JobObserver
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "local-cpu.yaml"
@@ -54,31 +54,29 @@ def _counters(trainer: Any) -> dict[str, float]:
     timeout = trainer.cfg.ray.actor_timeout_s
     stats = ray.get(trainer.actors.learners[0].stats.remote(), timeout=timeout)
     students = ray.get([s.__ray_call__.remote(_vllm_counters) for s in trainer.actors.students], timeout=timeout)
-    return {"learner_busy_s": stats["busy_seconds"], "steps": trainer.step, "learner_tokens": trainer.tokens,
-            "student_tokens": sum(t for t, _ in students), "student_busy_s": sum(b for _, b in students)}
+    return {"learner_busy_s": stats["busy_seconds"], "steps": trainer.state.step,
+            "learner_tokens": trainer.state.tokens, "student_tokens": sum(t for t, _ in students),
+            "student_busy_s": sum(b for _, b in students)}
 
 
-@contextmanager
-def loop_probe() -> Iterator[list[dict]]:
-    """While inside: every job's training loop is timed and its counters read around it; one
-    dict per job (``loop_seconds`` and the counters' increments) is appended to the list."""
-    import cluster.driver as driver
+class LoopProbe(JobObserver):
+    """Times every job's training loop (its "training" to its "trained" phase) and reads the
+    counters around it; one dict per job (``loop_seconds`` and the counters' increments) is
+    appended to ``records``. An observer of the job (``run_job(observers=[probe])``): it
+    changes no behaviour and patches nothing."""
 
-    original, records = driver._train, []
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self._before: dict[str, float] = {}
+        self._t0 = 0.0
 
-    def probed(job: Any, *args: Any, **kwargs: Any) -> None:
-        before = _counters(job.trainer)
-        t0 = time.perf_counter()
-        original(job, *args, **kwargs)
-        wall = time.perf_counter() - t0
-        after = _counters(job.trainer)
-        records.append({"loop_seconds": wall, **{k: after[k] - before[k] for k in after}})
-
-    driver._train = probed
-    try:
-        yield records
-    finally:
-        driver._train = original
+    def phase(self, job: Any, name: str) -> None:
+        if name == "training":
+            self._before, self._t0 = _counters(job.trainer), time.perf_counter()
+        elif name == "trained":
+            wall = time.perf_counter() - self._t0
+            after = _counters(job.trainer)
+            self.records.append({"loop_seconds": wall, **{k: after[k] - self._before[k] for k in after}})
 
 
 def _record(cfg: Any, report: dict, probe: dict) -> dict:
@@ -113,14 +111,13 @@ def run_jobs(overrides: list[str], stalenesses: list[int], label: str,
     rollouts = start_rollouts(cfgs[0], pair)
     records = []
     try:
-        with loop_probe() as probes:
-            for cfg in cfgs:
-                report = run_job(cfg, rollouts)
-                records.append(_record(cfg, report, probes[-1]))
-                r = records[-1]
-                log(f"{label} max_staleness {r['max_staleness']}: {r['steps']} steps in {r['loop_seconds']} s, "
-                    f"learner busy {r['learner_busy_fraction']:.0%}, "
-                    f"student {r['student_tokens_per_s']:.0f} tok/s")
+        probe = LoopProbe()
+        for cfg in cfgs:
+            report = run_job(cfg, rollouts, observers=[probe])
+            records.append(_record(cfg, report, probe.records[-1]))
+            r = records[-1]
+            log(f"{label} max_staleness {r['max_staleness']}: {r['steps']} steps in {r['loop_seconds']} s, "
+                f"learner busy {r['learner_busy_fraction']:.0%}, student {r['student_tokens_per_s']:.0f} tok/s")
     finally:
         stop_rollouts(rollouts)
         shutil.rmtree(out, ignore_errors=True)  # exported students and reports: read already

@@ -59,15 +59,13 @@ def _transport_runs(cfg: Any, actors: Any, transport: str, repeats: int, log: Ca
     """A warm-up push and ``repeats`` timed pushes through ``transport``, as the job makes them."""
     from cluster.config import ConfigError, build_config
     from cluster.trainer import Trainer
-    from services.status import JobStatus
 
     try:
         cfg = build_config(cfg.model_dump(), [f"learner.weight_transport={transport}"])
     except ConfigError as err:
         return {"skipped": f"the job config does not accept it: {err}"}
     messages: list[str] = []
-    trainer = Trainer(cfg, actors, JobStatus(cfg.name, 1), Path(tempfile.mkdtemp(prefix="speed-push-")),
-                      log=messages.append)
+    trainer = Trainer(cfg, actors, Path(tempfile.mkdtemp(prefix="speed-push-")), log=messages.append)
     first = _timed_push(trainer)
     times = [_timed_push(trainer) for _ in range(repeats)]
     if transport == "collective" and (trainer.payload is not None or messages):  # it fell back

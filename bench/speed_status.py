@@ -5,7 +5,7 @@ encoding the whole state in the driver's process).
 
 The runs alternate, unloaded then loaded, ``pairs`` times, on one set of rollout actors (vLLM
 starts once); each is a ``cluster.driver.run_job`` timed in its training loop
-(``bench.speed_jobs.loop_probe``). A client process of its own (as a Prometheus scraper and a
+(``bench.speed_jobs.LoopProbe``). A client process of its own (as a Prometheus scraper and a
 browser tab are) sends the requests at ``rate`` per second and counts the answers. Target: the loaded job keeps >= 95% of the
 unloaded job's steps/s.
 """
@@ -68,7 +68,7 @@ def _send_requests(url: str, rate: float, stop, answered) -> None:
 def measure_status_load(overrides: list[str], rate: float = 50.0, pairs: int = 2,
                         log: Callable[[str], None] = print) -> dict:
     """Steps/s of the job of ``overrides`` without and with ``rate`` status requests per second."""
-    from bench.speed_jobs import BASE_CONFIG, loop_probe
+    from bench.speed_jobs import BASE_CONFIG, LoopProbe
     from cluster.actors import start_rollouts, stop_rollouts
     from cluster.config import load_config
     from cluster.driver import run_job
@@ -88,10 +88,10 @@ def measure_status_load(overrides: list[str], rate: float = 50.0, pairs: int = 2
                 m, d = cfg.models, cfg.data
                 rollouts = start_rollouts(cfg, check_models(m.teacher, m.student, d.max_prompt_tokens,
                                                             d.max_response_tokens))
-            load = Load(f"http://127.0.0.1:{port}", rate) if loaded else None
-            with loop_probe() as probes, (load or contextlib.nullcontext()):
-                run_job(cfg, rollouts)
-            probe = probes[-1]
+            load, probe = Load(f"http://127.0.0.1:{port}", rate) if loaded else None, LoopProbe()
+            with load or contextlib.nullcontext():
+                run_job(cfg, rollouts, observers=[probe])
+            probe = probe.records[-1]
             runs.append({"loaded": loaded, "steps_per_s": probe["steps"] / probe["loop_seconds"],
                          "loop_seconds": round(probe["loop_seconds"], 2),
                          "requests_answered": load.answered if load else 0})

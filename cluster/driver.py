@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import ray
 
@@ -31,6 +31,8 @@ from cluster.config import ConfigError, JobConfig
 from cluster.errors import first_line
 from cluster.events import EventLog, summary as events_summary
 from cluster.evaluate import greedy_score
+from cluster.job_state import JobObserver, Observers
+from cluster.observers import ProgressObserver, StatusObserver, TrackerObserver
 from cluster.preflight import JobInputs, check_inputs, resolve_inputs  # noqa: F401 - resolve_inputs re-exported
 from cluster.report import placement_summary, write_report
 from cluster.rollouts import RolloutPump, item_stream, prompt_stream
@@ -66,17 +68,17 @@ def init_ray(cfg: JobConfig) -> None:
 
 @dataclass
 class Job:
-    """The running job's parts, handed together to the loop's helpers."""
+    """The running job's parts, handed together to the loop's helpers and its observers."""
 
     inputs: JobInputs
-    trainer: Trainer
+    trainer: Trainer               # trainer.state: the JobState every reader reads
     pump: RolloutPump
     supervisor: Supervisor
-    trackers: tracking.Trackers
+    observers: Observers           # status, trackers, progress, and any the caller added
 
 
 def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = False,
-            resume_hint: Optional[str] = None) -> dict[str, Any]:
+            resume_hint: Optional[str] = None, observers: Sequence[JobObserver] = ()) -> dict[str, Any]:
     """Run one distillation job to the end and return its report.
 
     ``rollouts``: rollout actors started by the caller (``cluster.actors.start_rollouts``) for a
@@ -84,6 +86,8 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
     ones and leaves them running. By default the job starts and stops its own.
     ``resume``: continue ``<output_dir>/<name>`` from its newest complete checkpoint.
     ``resume_hint``: the command that resumes this job, quoted when it fails.
+    ``observers``: told of every phase and learner step after the job's own (status, trackers,
+    progress), e.g. a benchmark's probe (cluster.job_state.JobObserver).
     Every input is checked (cluster.preflight) before a file is written or Ray starts.
     """
     started = time.time()
@@ -100,7 +104,7 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
     else:
         events.record("start", steps=cfg.learner.steps)
     init_ray(cfg)
-    actors, trackers = None, None
+    actors, trackers, job = None, None, None
     try:
         history = inputs.saved["trainer"]["history"] if inputs.saved is not None else None
         trackers = tracking.start(cfg, inputs.run_dir, history)
@@ -110,12 +114,16 @@ def run_job(cfg: JobConfig, rollouts: Rollouts | None = None, resume: bool = Fal
         status.update(placement=where)  # /status shows which node each actor runs on
         log(f"placement: {placement_summary(where)}")
         _record_recovery(actors, events, cfg.ray.actor_timeout_s)
-        job = _assemble(inputs, actors, status, trackers, resume_hint or "ammd run CONFIG --resume")
+        watchers = Observers([StatusObserver(status), TrackerObserver(trackers, status), ProgressObserver(),
+                              *observers])
+        job = _assemble(inputs, actors, watchers, resume_hint or "ammd run CONFIG --resume")
         job.supervisor.events = events
         report = _run(job, started)
-        status.update(state="finished")
+        watchers.phase(job, "finished")
         return report
     except BaseException as err:
+        if job is not None:
+            job.observers.phase(job, "failed")
         status.update(state="failed", error=f"{type(err).__name__}: {err}")
         events.record("failed", error=f"{type(err).__name__}: {first_line(err)}")
         raise
@@ -157,10 +165,10 @@ def _prepare_run_dir(inputs: JobInputs) -> None:
                           f"point buffer.spill_dir at a new or empty directory you can write") from None
 
 
-def _assemble(inputs: JobInputs, actors, status: JobStatus, trackers: tracking.Trackers, hint: str) -> Job:
+def _assemble(inputs: JobInputs, actors, observers: Observers, hint: str) -> Job:
     """The trainer, the supervisor of the rollout actors and the rollout pump, wired together."""
     cfg = inputs.cfg
-    trainer = Trainer(cfg, actors, status, inputs.run_dir, hint, log)
+    trainer = Trainer(cfg, actors, inputs.run_dir, hint, log)
     restart_weights = trainer.weight_push.payload_for_restart  # a restarted student's first load
     supervisor = Supervisor(actors, rollout_factory(cfg, inputs.pair), restart_weights,
                             max_restarts=cfg.rollout.max_restarts, window_s=cfg.rollout.restart_window_s,
@@ -170,25 +178,25 @@ def _assemble(inputs: JobInputs, actors, status: JobStatus, trackers: tracking.T
                        item_stream(references, cfg.seed + 1) if references else None,
                        batch_size=cfg.rollout.prompts_per_batch, supervisor=supervisor,
                        timeout_s=cfg.ray.actor_timeout_s)
-    return Job(inputs, trainer, pump, supervisor, trackers)
+    return Job(inputs, trainer, pump, supervisor, observers)
 
 
 def _run(job: Job, started: float) -> dict[str, Any]:
     """Push the first weights (or restore a checkpoint), train, score, export and report."""
-    trainer, inputs = job.trainer, job.inputs
+    trainer, inputs, scores = job.trainer, job.inputs, job.trainer.state.scores
     if inputs.saved is not None:
         trainer.restore(inputs.resume_from, inputs.saved)
         job.pump.restore(inputs.saved["pump"])
         trainer.push_weights(version=trainer.version)  # the restored weights, under their version
+        scores = trainer.state.scores
     else:
         trainer.push_weights(version=0)  # the students start from the learner's weights
-        trainer.status.update(state="evaluating")
-        trainer.scores = {"teacher": _score(job, "teacher")["score"], "before": _score(job)["score"]}
-    log(f"before training: teacher {trainer.scores['teacher']:.3f}, student {trainer.scores['before']:.3f}")
+        job.observers.phase(job, "evaluating")
+        scores.update(teacher=_score(job, "teacher")["score"], before=_score(job)["score"])
+    log(f"before training: teacher {scores['teacher']:.3f}, student {scores['before']:.3f}")
     _train(job, {"config": inputs.cfg.model_dump(), "fingerprints": inputs.fingerprints})
     after = _score(job)
-    log(f"after training: student {after['score']:.3f} (was {trainer.scores['before']:.3f}, "
-        f"teacher {trainer.scores['teacher']:.3f})")
+    log(f"after training: student {after['score']:.3f} (was {scores['before']:.3f}, teacher {scores['teacher']:.3f})")
     student_dir = trainer.export_student(inputs.run_dir / "student")
     trainer.weight_push.close()  # the job's pushes are over: a side band is left, the payload freed
     log(f"student written to {student_dir}")
@@ -232,27 +240,27 @@ def _record_recovery(actors, events: EventLog, timeout: float) -> None:
 
 
 def _report(job: Job, after: dict, student_dir: Path, started: float) -> dict:
-    trainer, cfg = job.trainer, job.inputs.cfg
+    trainer, cfg, state = job.trainer, job.inputs.cfg, job.trainer.state
     buffer_stats = trainer.waiter.wait(trainer.actors.buffer.stats.remote(), "the replay buffer")
     whole_job = events_summary(EventLog(job.inputs.run_dir).read())  # every process of the job
     return {
         "name": cfg.name, "metric": cfg.eval.metric,
-        "teacher_score": trainer.scores["teacher"], "student_score_before": trainer.scores["before"],
-        "student_score_after": after["score"], "steps": trainer.step,
+        "teacher_score": state.scores["teacher"], "student_score_before": state.scores["before"],
+        "student_score_after": after["score"], "steps": state.step,
         "final_weight_version": trainer.version, "student_dir": str(student_dir),
-        "last_checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
+        "last_checkpoint": str(state.last_checkpoint) if state.last_checkpoint else None,
         "rows_by_source": buffer_stats["rows_by_source"],
         "buffer_appended_by_source": buffer_stats["appended_by_source"],
         # Rows the buffer could not recover (a corrupt or missing segment) and why, over the job.
         "lost_rows": buffer_stats["lost_rows"], "recovery_problems": whole_job["recovery_problems"],
         "resumes": whole_job["resumes"], "failures": whole_job["failures"],
-        "max_on_policy_lag": trainer.max_lag, "evals": trainer.evals,
+        "max_on_policy_lag": state.max_lag, "evals": state.evals,
         "rollout_usage": job.pump.usage(buffer_stats["served_by_source"]),
         "restarts": whole_job["restarts"],  # rollout actor restarts, in every process of the job
         "wall_seconds": time.time() - started,
         "rollout_tokens_per_s": job.pump.tokens_per_s(),
-        "learner_tokens_per_s": trainer.learner_tokens_per_s(),
-        "history": trainer.history, "examples_after": after["examples"],
+        "learner_tokens_per_s": state.learner_tokens_per_s(),
+        "history": state.history, "examples_after": after["examples"],
         # Asked again at the end: a restarted rollout actor may run elsewhere than its first.
         "placement": placement(trainer.actors, cfg.ray.actor_timeout_s),
         "config": cfg.model_dump(),
@@ -261,91 +269,43 @@ def _report(job: Job, after: dict, student_dir: Path, started: float) -> dict:
 
 def _evaluate_during(job: Job) -> None:
     """Score the student actor's current weights (the last pushed version) on held-out prompts."""
-    trainer = job.trainer
-    result = _score(job)
-    trainer.evals.append({"step": trainer.step, "weight_version": trainer.version, "score": result["score"]})
-    trainer.status.update(evals=trainer.evals)
-    log(f"step {trainer.step}: student {trainer.cfg.eval.metric} {result['score']:.3f} "
-        f"(weight version {trainer.version})")
+    state, version = job.trainer.state, job.trainer.version
+    score = _score(job)["score"]
+    state.evals.append({"step": state.step, "weight_version": version, "score": score})
+    log(f"step {state.step}: student {job.inputs.cfg.eval.metric} {score:.3f} (weight version {version})")
 
 
 def _checkpoint(job: Job, extra: dict) -> None:
     """Drain the rollouts (so the buffer and the prompt streams agree), make sure the rollout
     actors hold exactly the learner's weights, then save everything."""
     job.pump.drain()
-    if job.trainer.pushed_at != job.trainer.step:
+    if job.trainer.pushed_at != job.trainer.state.step:
         job.trainer.push_weights()
     job.trainer.save(job.pump.state(), extra)
 
 
 def _train(job: Job, extra: dict) -> None:
-    trainer, pump = job.trainer, job.pump
-    cfg, status = trainer.cfg, trainer.status
-    status.update(state="training")
-    save_every = cfg.learner.save_every
-    shown = logs.progress(cfg.learner.steps, start=trainer.step)
-    logged = len(trainer.history)  # records already tracked (a resumed job's earlier steps)
-    try:
-        while trainer.step < cfg.learner.steps:
-            pump.top_up(trainer.demand())
-            # No poll between top_up and wait_one: a request collected there (e.g. one that landed
-            # stale just after a push) would leave wait_one nothing to wait for.
-            if not trainer.try_step():
-                pump.wait_one()
-                continue
-            pump.poll()
-            if trainer.step % cfg.learner.sync_every == 0:
-                trainer.push_weights()
-            if cfg.eval.every and trainer.step % cfg.eval.every == 0:
-                _evaluate_during(job)
-            if save_every and (trainer.step % save_every == 0 or trainer.step == cfg.learner.steps):
-                _checkpoint(job, extra)  # after the evaluation, so it holds that score
-            _publish(job)
-            logged = _watch(job, shown, logged)
-    finally:
-        shown.close()
+    """The loop: one learner step per turn, rollouts topped up around it; pushes, evaluations
+    and checkpoints when due; every observer told of each step."""
+    trainer, pump, state = job.trainer, job.pump, job.trainer.state
+    lc, every = trainer.cfg.learner, trainer.cfg.eval.every
+    job.observers.phase(job, "training")
+    while state.step < lc.steps:
+        pump.top_up(trainer.demand())
+        # No poll between top_up and wait_one: a request collected there (e.g. one that landed
+        # stale just after a push) would leave wait_one nothing to wait for.
+        if not trainer.try_step():
+            pump.wait_one()
+            continue
+        pump.poll()
+        if state.step % lc.sync_every == 0:
+            trainer.push_weights()
+        if every and state.step % every == 0:
+            _evaluate_during(job)
+        if lc.save_every and (state.step % lc.save_every == 0 or state.step == lc.steps):
+            _checkpoint(job, extra)  # after the evaluation, so it holds that score
+        job.observers.stepped(job)
     pump.drain()
-    if trainer.pushed_at != trainer.step:  # the final evaluation and export see the last step
+    if trainer.pushed_at != state.step:  # the final evaluation and export see the last step
         trainer.push_weights()
-
-
-def _watch(job: Job, shown: logs.Progress, logged: int) -> int:
-    """Hand the steps recorded since ``logged`` (exactly report.json's history records) and the
-    snapshot just published (what /metrics serves) to the trackers, and show progress.
-    Returns the new count of tracked records."""
-    trainer, pump = job.trainer, job.pump
-    new = trainer.history[logged:]
-    for record in new:
-        job.trackers.log_step(record)
-    if new:  # a skipped (non-finite) step changes nothing worth a second point at this step
-        job.trackers.log_snapshot(trainer.step, trainer.status.view())
-    last = trainer.history[-1] if trainer.history else {}
-    shown.update(trainer.step, {"loss": last.get("loss", float("nan")), "lr": last.get("lr", float("nan")),
-                                "version": trainer.version, "rollout_tps": pump.tokens_per_s(),
-                                "learner_tps": trainer.learner_tokens_per_s(), "rows": pump.rows})
-    return len(trainer.history)
-
-
-def _publish(job: Job) -> None:
-    """Everything /status, /metrics, the page and TensorBoard read, once per learner step."""
-    trainer, pump, supervisor = job.trainer, job.pump, job.supervisor
-    # Liveness from real answers: every actor is pinged and its last answer timed.
-    supervisor.probe()
-    buffer = trainer.waiter.wait(trainer.actors.buffer.stats.remote(), "the replay buffer")
-    rollout_tps, learner_tps = pump.tokens_per_s(), trainer.learner_tokens_per_s()
-    push = trainer.weight_push
-    trainer.status.update(actors=_with_actor_rates(supervisor.health(), pump.actor_tokens_per_s()),
-                          step=trainer.step, weight_version=trainer.version,
-                          buffer=buffer, rollout_usage=pump.usage(buffer["served_by_source"]),
-                          restarts=supervisor.restart_counts(), rollout_tokens_per_s=rollout_tps,
-                          learner_tokens_per_s=learner_tps, weight_pushes=push.pushes,
-                          weight_push_seconds=push.seconds, sampled_age=trainer.sampled_age)
-    trainer.status.record_throughput(trainer.step, learner_tps, rollout_tps)
-
-
-def _with_actor_rates(health: dict[str, dict], rates: dict[str, float]) -> dict[str, dict]:
-    """``health`` with ``tokens_per_s`` on every student and teacher (0.0 until its first rows)."""
-    for name, info in health.items():
-        if info.get("kind") in ("student", "teacher"):
-            info["tokens_per_s"] = rates.get(name, 0.0)
-    return health
+    job.observers.phase(job, "trained")

@@ -18,39 +18,34 @@ import ray
 from cluster import checkpoint, logs
 from cluster.actors import Actors
 from cluster.config import JobConfig
+from cluster.job_state import JobState
 from cluster.rollouts import Demand
 from cluster.waiting import Waiter
 from cluster.weight_push import Pushed, weight_push_for
-from services.status import JobStatus
 
 MAX_NONFINITE_STEPS = 3
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, actors: Actors, status: JobStatus, run_dir: Path,
+    """Steps the learner group, pushes its weights and saves checkpoints; what the job has done
+    so far is ``state`` (``cluster.job_state.JobState``), the one object every reader reads."""
+
+    def __init__(self, cfg: JobConfig, actors: Actors, run_dir: Path,
                  resume_hint: str = "ammd run CONFIG --resume", log: Callable[[str], None] = logs.info):
-        self.cfg, self.actors, self.status, self.run_dir = cfg, actors, status, run_dir
+        self.cfg, self.actors, self.run_dir = cfg, actors, run_dir
         self.resume_hint, self.log = resume_hint, log
-        self.step = 0
-        self.history: list[dict[str, float]] = []
-        self.tokens = 0
-        self.train_seconds = 0.0
+        self.state = JobState()
         self.nonfinite_in_a_row = 0
-        self.max_lag = 0
-        self.sampled_age: dict[str, float] | None = None  # the last batch's on-policy rows (status)
-        self.evals: list[dict] = []
-        self.scores: dict[str, float] = {}  # teacher and student-before scores, kept across a resume
-        self.last_checkpoint: Path | None = None
         self.global_batch = cfg.learner.micro_batch * cfg.learner.actors
         self.n_on = int(round(self.global_batch * cfg.buffer.on_policy_fraction))
         self.waiter = Waiter(cfg.ray.actor_timeout_s, self.how_to_resume)
-        self.weight_push = weight_push_for(cfg, actors, self.waiter, lambda: self.step, log)
+        self.weight_push = weight_push_for(cfg, actors, self.waiter, lambda: self.state.step, log)
 
     def how_to_resume(self) -> str:
         """What every lost-actor error ends with: the checkpoint and command that continue the job."""
-        if self.last_checkpoint is None:
+        if self.state.last_checkpoint is None:
             return "No checkpoint was written yet (learner.save_every); the job must start over."
-        return (f"The last complete checkpoint is {self.last_checkpoint}; continue with: "
+        return (f"The last complete checkpoint is {self.state.last_checkpoint}; continue with: "
                 f"{self.resume_hint}")
 
     # -- training -------------------------------------------------------------------------------
@@ -62,8 +57,9 @@ class Trainer:
         """What the remaining steps will train on. A student row sampled now carries version v
         and stays usable until the push of v + max_staleness + 1: ``window`` more steps."""
         b, lc = self.cfg.buffer, self.cfg.learner
-        window = (b.max_staleness + 1) * lc.sync_every - self.step % lc.sync_every
-        return Demand(self.n_on, self.global_batch - self.n_on, lc.steps - self.step, window,
+        step = self.state.step
+        window = (b.max_staleness + 1) * lc.sync_every - step % lc.sync_every
+        return Demand(self.n_on, self.global_batch - self.n_on, lc.steps - step, window,
                       self.min_version, b.on_policy_uses, b.off_policy_uses)
 
     def try_step(self) -> bool:
@@ -77,32 +73,25 @@ class Trainer:
         ref = ray.put(table)
         results = self.waiter.wait([l.train_step.remote(ref) for l in self.actors.learners],
                                    self.actors.learner_names())
-        self.train_seconds += time.time() - t0
+        self.state.train_seconds += time.time() - t0
         if any(r["skipped_nonfinite"] for r in results):
             self.nonfinite_in_a_row += 1
-            self.log(f"step {self.step + 1}: non-finite loss, step skipped on every rank")
+            self.log(f"step {self.state.step + 1}: non-finite loss, step skipped on every rank")
             if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
                 raise FloatingPointError(f"loss was NaN/inf for {MAX_NONFINITE_STEPS} steps in a row; "
                                          f"lower learner.lr or check the teacher signal")
             return True
         self.nonfinite_in_a_row = 0
-        self.step += 1
-        self.tokens += int(sum(r["tokens"] for r in results))
         keys = set().union(*results) - {"tokens", "seconds", "skipped_nonfinite"}
         merged = {k: float(np.mean([r[k] for r in results if k in r])) for k in sorted(keys)}
-        self.history.append({"step": self.step, **merged})
-        self.status.record_loss(self.step, merged)
+        self.state.record_step(merged, int(sum(r["tokens"] for r in results)))
         return True
 
     def _note_lag(self, table) -> None:
-        """Track how many weight versions the batch's on-policy rows lag behind: the job's
-        worst (``max_lag``, for the report) and this batch's mean and max (``sampled_age``,
-        None when the batch has no on-policy row)."""
-        ages = [self.version - v for v, s in zip(table.column("policy_version").to_pylist(),
-                                                 table.column("source").to_pylist()) if s == "student"]
-        self.sampled_age = {"mean": sum(ages) / len(ages), "max": max(ages)} if ages else None
-        if ages:
-            self.max_lag = max(self.max_lag, max(ages))
+        """How many weight versions the batch's on-policy rows lag behind (JobState.note_lag)."""
+        self.state.note_lag([self.version - v for v, s in zip(table.column("policy_version").to_pylist(),
+                                                              table.column("source").to_pylist())
+                             if s == "student"])
 
     # -- the weights the students hold (cluster.weight_push) ----------------------------------
     @property
@@ -126,9 +115,6 @@ class Trainer:
         next) and wait as the transport needs; see ``WeightPush.push``."""
         return self.weight_push.push(version)
 
-    def learner_tokens_per_s(self) -> float:
-        return self.tokens / max(self.train_seconds, 1e-9)
-
     # -- the student out, checkpoints in and out ---------------------------------------------
     def export_student(self, out_dir: Path) -> Path:
         """Write the student as a HF model directory (every rank takes part in the gather)."""
@@ -139,30 +125,19 @@ class Trainer:
 
     def save(self, pump_state: dict, extra: dict) -> Path:
         """A complete checkpoint (see cluster.checkpoint); the caller has drained the rollouts."""
-        root = checkpoint.checkpoints_root(self.run_dir)
-        tmp = checkpoint.begin(root, self.step)
-        self.waiter.wait([l.save.remote(str(tmp), {"step": self.step}) for l in self.actors.learners],
+        root, step = checkpoint.checkpoints_root(self.run_dir), self.state.step
+        tmp = checkpoint.begin(root, step)
+        self.waiter.wait([l.save.remote(str(tmp), {"step": step}) for l in self.actors.learners],
                          self.actors.learner_names())
         self.export_student(tmp / "student")
         self.waiter.wait(self.actors.buffer.snapshot.remote(str(tmp / "buffer")), "the replay buffer")
-        state = {"trainer": self.state(), "pump": pump_state, **extra}
-        self.last_checkpoint = checkpoint.commit(root, tmp, self.step, state, self.cfg.learner.keep_checkpoints)
-        self.log(f"checkpoint {self.last_checkpoint}")
-        return self.last_checkpoint
+        saved = {"trainer": self.state.saved(self.version), "pump": pump_state, **extra}
+        self.state.last_checkpoint = checkpoint.commit(root, tmp, step, saved, self.cfg.learner.keep_checkpoints)
+        self.log(f"checkpoint {self.state.last_checkpoint}")
+        return self.state.last_checkpoint
 
-    def state(self) -> dict:
-        return {"step": self.step, "version": self.version, "history": self.history, "tokens": self.tokens,
-                "train_seconds": self.train_seconds, "max_lag": self.max_lag, "evals": self.evals,
-                "scores": self.scores}
-
-    def restore(self, path: Path, state: dict) -> None:
-        """Load every rank's state from checkpoint ``path`` and the driver's own from ``state``."""
+    def restore(self, path: Path, saved: dict) -> None:
+        """Load every rank's state from checkpoint ``path`` and the driver's own from ``saved``."""
         self.waiter.wait([l.load.remote(str(path)) for l in self.actors.learners],
                          self.actors.learner_names())
-        t = state["trainer"]
-        self.step, self.weight_push.version, self.history = t["step"], t["version"], t["history"]
-        self.tokens, self.train_seconds, self.max_lag = t["tokens"], t["train_seconds"], t["max_lag"]
-        self.evals, self.scores = t["evals"], t["scores"]
-        self.last_checkpoint = path
-        for h in self.history:
-            self.status.record_loss(h["step"], {k: v for k, v in h.items() if k != "step"})
+        self.weight_push.version = self.state.restore(saved["trainer"], path)

@@ -47,7 +47,7 @@ def job(ray_cluster, tied_model, tmp_path_factory):
     wait_started(students, "students", 300)
     wait_started(learners, "learners", 300, "ready")
     logs: list[str] = []
-    trainer = Trainer(cfg, Actors(None, Rollouts(students, [], {}), learners, pg), status=None,
+    trainer = Trainer(cfg, Actors(None, Rollouts(students, [], {}), learners, pg),
                       run_dir=tmp_path_factory.mktemp("run"), log=logs.append)
     trainer.batch = ray.put(rows_to_batch(rows(8)))  # what step() trains on
     supervisor = Supervisor(trainer.actors, make, trainer.weight_push.payload_for_restart, timeout_s=120,
@@ -62,7 +62,7 @@ def job(ray_cluster, tied_model, tmp_path_factory):
 def step(trainer: Trainer) -> None:
     """One learner step on every rank, counted as the driver counts it."""
     ray.get([l.train_step.remote(trainer.batch) for l in trainer.actors.learners])
-    trainer.step += 1
+    trainer.state.step += 1
 
 
 def learner_greedy(trainer: Trainer, model_dir: str) -> list[list[int]]:

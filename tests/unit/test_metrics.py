@@ -147,7 +147,7 @@ def test_job_status_keeps_the_last_throughput_points():
 
 
 def test_rollout_actors_get_their_rates_and_zero_before_their_first_rows():
-    from cluster.driver import _with_actor_rates
+    from cluster.observers import _with_actor_rates
     health = {"student-0": {"kind": "student"}, "teacher-0": {"kind": "teacher"},
               "learner-0": {"kind": "learner"}, "buffer": {"kind": "buffer"}}
     out = _with_actor_rates(health, {"student-0": 12.5})
@@ -163,15 +163,17 @@ def test_sampled_age_of_a_batch():
     from services.buffer_schema import rows_to_batch
     from tests.unit.test_replay_buffer import make_row
 
+    from cluster.job_state import JobState
+
     trainer = Trainer.__new__(Trainer)
-    trainer.weight_push, trainer.max_lag = WeightPush(None, None, lambda: 0), 0
+    trainer.weight_push, trainer.state = WeightPush(None, None, lambda: 0), JobState()
     trainer.weight_push.version = 7
     rows = [make_row(0, "student", version=7), make_row(1, "student", version=5),
             make_row(2, "teacher", version=0), make_row(3, "student", version=6)]
     trainer._note_lag(rows_to_batch(rows))
-    assert trainer.sampled_age == {"mean": 1.0, "max": 2} and trainer.max_lag == 2
+    assert trainer.state.sampled_age == {"mean": 1.0, "max": 2} and trainer.state.max_lag == 2
     trainer._note_lag(rows_to_batch([make_row(4, "teacher", version=0)]))
-    assert trainer.sampled_age is None and trainer.max_lag == 2
+    assert trainer.state.sampled_age is None and trainer.state.max_lag == 2
 
 
 # --- docker/: Prometheus and Grafana read these families -----------------------------------------
