@@ -22,6 +22,7 @@ from cluster.config import JobConfig
 from cluster.models import ModelPair
 from learner.learner_actor import LearnerWorker, node_address
 from rollout.actors import RolloutWorker
+from services.actor_names import BUFFER, actor_name
 from services.replay_buffer import ReplayBuffer
 
 # ``ping`` runs in a thread of its own, so an actor answers while it works (cluster.supervisor).
@@ -91,7 +92,7 @@ class Actors:
 
     def learner_names(self) -> list[str]:
         """The learner ranks' names, in rank order, as errors and logs name them."""
-        return [f"learner-{i}" for i in range(len(self.learners))]
+        return [actor_name("learner", i) for i in range(len(self.learners))]
 
 
 def engine_options(cfg: JobConfig, role: str, pair: ModelPair, index: int) -> dict[str, Any]:
@@ -175,10 +176,11 @@ def placement(actors: Actors, timeout: float) -> dict[str, dict[str, str]]:
     """Where each actor runs: ``{name: {"node_id", "node_ip"}}`` for learner-i, student-i,
     teacher-i and the buffer, from their ``ping`` (services.liveness). Raises GetTimeoutError
     if one does not answer within ``timeout`` s."""
-    refs = {f"learner-{i}": a.ping.remote() for i, a in enumerate(actors.learners)}
-    refs.update({f"student-{i}": a.ping.remote() for i, a in enumerate(actors.students)})
-    refs.update({f"teacher-{i}": a.ping.remote() for i, a in enumerate(actors.teachers)})
-    refs["buffer"] = actors.buffer.ping.remote()
+    refs = {actor_name(role, i): a.ping.remote()
+            for role, group in (("learner", actors.learners), ("student", actors.students),
+                                ("teacher", actors.teachers))
+            for i, a in enumerate(group)}
+    refs[BUFFER] = actors.buffer.ping.remote()
     answers = ray.get(list(refs.values()), timeout=timeout)
     return {name: {"node_id": a["node_id"], "node_ip": a["node_ip"]} for name, a in zip(refs, answers)}
 

@@ -26,6 +26,7 @@ import numpy as np
 import ray
 
 from cluster.data import Prompt
+from services.actor_names import actor_name
 
 T = TypeVar("T")
 
@@ -125,12 +126,12 @@ class Request:
     def maker(self) -> str:
         """The actor whose rows these are: the student that samples, or the teacher that
         samples (or scores the reference rows)."""
-        return f"{'student' if self.source == 'student' else 'teacher'}-{self.index}"
+        return actor_name("student" if self.source == "student" else "teacher", self.index)
 
     def actor_names(self) -> list[str]:
         if self.source == "student":
-            return [f"student-{self.index}", f"teacher-{self.scorer}"]
-        return [f"teacher-{self.index}"]
+            return [actor_name("student", self.index), actor_name("teacher", self.scorer)]
+        return [actor_name("teacher", self.index)]
 
 
 @dataclass

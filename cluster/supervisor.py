@@ -25,6 +25,7 @@ from cluster import logs
 from cluster.errors import first_line
 from cluster.events import EventLog
 from cluster.waiting import ActorLostError
+from services.actor_names import BUFFER, actor_name, parse_actor_name
 
 
 @dataclass
@@ -49,15 +50,15 @@ class Supervisor:
     # -- who is who ---------------------------------------------------------------------------
     def handles(self) -> dict[str, Any]:
         a = self.actors
-        named = {f"student-{i}": h for i, h in enumerate(a.students)}
-        named.update({f"teacher-{i}": h for i, h in enumerate(a.teachers)})
-        named.update({f"learner-{i}": h for i, h in enumerate(a.learners)})
-        named["buffer"] = a.buffer
+        named = {actor_name(role, i): h for role, group in (("student", a.students), ("teacher", a.teachers),
+                                                             ("learner", a.learners))
+                 for i, h in enumerate(group)}
+        named[BUFFER] = a.buffer
         return named
 
     @staticmethod
     def kind(name: str) -> str:
-        return name.split("-")[0]
+        return parse_actor_name(name)[0]
 
     # -- restarts -----------------------------------------------------------------------------
     def recover(self, names: list[str], err: BaseException) -> list[str]:
@@ -76,7 +77,7 @@ class Supervisor:
 
     def restart(self, name: str, why: str) -> None:
         """Replace rollout actor ``name``, lost because of ``why`` (its own error, one line)."""
-        role, index = self.kind(name), int(name.split("-")[1])
+        role, index = parse_actor_name(name)
         now = time.time()
         self.last_error[name] = why
         recent = self.restarts.setdefault(name, deque())

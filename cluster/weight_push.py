@@ -33,6 +33,9 @@ from cluster.config import JobConfig
 from cluster.errors import first_line
 from cluster.waiting import Waiter
 from learner.collectives import collective_backend
+from services.actor_names import actor_name
+
+RANK0 = actor_name("learner", 0)  # the learner rank that exports, and hosts the side band
 
 
 class TransportFailed(RuntimeError):
@@ -115,7 +118,7 @@ class CollectiveRoute:
             errors = self._side_band(refs, self.actors.learner_names(), receives)
         if errors:
             self.members = None
-            self.waiter.wait(self.actors.learners[0].close_weight_group.remote(), "learner-0")
+            self.waiter.wait(self.actors.learners[0].close_weight_group.remote(), RANK0)
             raise TransportFailed(errors, then="the next push forms the group again")
         return None
 
@@ -123,12 +126,12 @@ class CollectiveRoute:
         """A new side-band group: learner rank 0 hosts a new store, everyone joins it at once.
         Returns what went wrong (empty: the group stands, with ``students`` as its members)."""
         rank0, timeout = self.actors.learners[0], self.side_band_timeout_s
-        address = self.waiter.wait(rank0.open_weight_store.remote(timeout), "learner-0")
+        address = self.waiter.wait(rank0.open_weight_store.remote(timeout), RANK0)
         size = len(students) + 1
         backend = collective_backend(self.cfg.learner.device)
         joins = [s.join_weight_group.remote(address, i + 1, size, backend, timeout)
                  for i, s in enumerate(students)]
-        errors = self._side_band([rank0.join_weight_group.remote(size, timeout)], ["learner-0"], joins)
+        errors = self._side_band([rank0.join_weight_group.remote(size, timeout)], [RANK0], joins)
         self.members = None if errors else students
         return errors
 
@@ -153,7 +156,7 @@ class CollectiveRoute:
             try:
                 ray.get(ref, timeout=max(0.0, deadline - time.time()))
             except ray.exceptions.RayError as err:
-                errors.append(f"student-{i}: {first_line(err)}")
+                errors.append(f"{actor_name('student', i)}: {first_line(err)}")
         return errors
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import ray
 
+from services.actor_names import actor_name
 from services.liveness import ping_answer
 
 CHECKPOINT_TAG = "state"  # one DeepSpeed tag per checkpoint directory
@@ -189,7 +190,7 @@ class LearnerWorker:
                                            timeout_s)
         except Exception as err:  # noqa: BLE001 - reported, not raised: the job goes on without it
             self.close_weight_group()
-            return failure_line("learner-0", err)
+            return failure_line(actor_name("learner", 0), err)
         return None
 
     def close_weight_group(self) -> None:

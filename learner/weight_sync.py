@@ -37,6 +37,8 @@ from typing import Any, Iterable, Iterator, Optional, Protocol
 import numpy as np
 import torch
 
+from services.actor_names import actor_name
+
 
 @dataclass
 class Bucket:
@@ -297,7 +299,7 @@ class CollectiveTransport:
         """Leave the side band after ``err`` (the sender is learner rank 0); returns the log line."""
         if self.group is not None:
             self.group.close()
-        return failure_line("learner-0", err)
+        return failure_line(actor_name("learner", 0), err)
 
     def receive(self, payload: object = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Other ranks: yield (name, tensor) views, a bucket at a time, until rank 0's ``finish``."""

@@ -11,8 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
+from services.actor_names import ROLES, actor_role
+
 UP_STATES = frozenset({"alive", "starting"})  # ammd_actor_up is 1 for these
-KINDS = ("student", "teacher", "learner", "buffer")
+KINDS = ROLES  # the values of the ``kind`` label
 JOB_STATES = ("starting", "evaluating", "training", "finished", "failed")
 PREFIX = "ammd_"
 
@@ -82,8 +84,8 @@ def actor_kind(name: str, info: dict[str, Any]) -> str:
     kind = info.get("kind")
     if isinstance(kind, str) and kind:
         return kind
-    prefix = name.split("-", 1)[0]
-    return prefix if prefix in KINDS else "unknown"
+    role = actor_role(name)
+    return role if role in KINDS else "unknown"
 
 
 def _field(*path: str) -> Callable[[dict[str, Any]], Any]:
