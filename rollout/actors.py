@@ -21,7 +21,7 @@ import numpy as np
 import ray
 
 from learner.weight_sync import CollectiveTransport, WeightGroup, join_group, make_transport
-from rollout.engine import Generation, SamplingConfig, make_engine, tail_logmass
+from rollout.engine import EngineOptions, Generation, SamplingConfig, make_engine, tail_logmass
 from services.buffer_schema import Row, rows_to_batch
 from services.liveness import ping_answer
 
@@ -38,16 +38,29 @@ class Samples:
     policy_version: int
 
 
+@dataclass(frozen=True)
+class RolloutSpec:
+    """What a rollout actor is started with (``cluster.actors.rollout_spec`` fills it from the job config)."""
+
+    role: str                        # "student" or "teacher"
+    engine: str                      # rollout.engine: its name in the registry ("vllm", "hf")
+    model_dir: str
+    max_response_tokens: int
+    temperature: float               # the sampling temperature (greedy ignores it)
+    topk: int                        # teacher log-probs kept per response position
+    stop_token_ids: tuple[int, ...]
+    options: EngineOptions = EngineOptions()
+    threads: int = 1                 # torch/OpenMP threads on CPU
+
+
 class RolloutWorker:
-    def __init__(self, role: str, engine: str, model_dir: str, *, max_response_tokens: int,
-                 temperature: float, topk: int, stop_token_ids: list[int],
-                 engine_options: dict[str, Any], threads: int = 1):
+    def __init__(self, spec: RolloutSpec):
         import torch
-        torch.set_num_threads(threads)  # before vLLM starts: its CPU worker pins the thread count
-        self.role = role
-        self.topk = topk
-        self.sampling = SamplingConfig(max_response_tokens, temperature, 0, tuple(stop_token_ids))
-        self.engine = make_engine(engine, model_dir, **engine_options)
+        torch.set_num_threads(spec.threads)  # before vLLM starts: its CPU worker pins the thread count
+        self.role = spec.role
+        self.topk = spec.topk
+        self.sampling = SamplingConfig(spec.max_response_tokens, spec.temperature, 0, tuple(spec.stop_token_ids))
+        self.engine = make_engine(spec.engine, spec.model_dir, spec.options)
         # A student takes every transport's push (the driver picks one per push, cluster.weight_push):
         # ``load_weights`` reads the object store, ``receive_weights`` the side band.
         self.object_store = make_transport("object_store")

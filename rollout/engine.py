@@ -8,7 +8,8 @@ An engine owns one model and does three things:
   of given sequences (teacher scoring of student samples);
 - ``load_weights(named_tensors, version)``: replace the weights in place (no restart).
 
-Engines take and return token ids only; tokenisation belongs to the driver.
+Engines take and return token ids only; tokenisation belongs to the driver. An engine is built
+by name, ``make_engine(name, model_dir, options)``, from one frozen ``EngineOptions``.
 """
 from __future__ import annotations
 
@@ -32,6 +33,23 @@ class SamplingConfig:
     temperature: float = 1.0  # 0 = greedy
     topk: int = 0  # keep the top-k log-probs of each generated position (0 = none)
     stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine is started (``cluster.actors.engine_options`` fills it from the job config).
+    Each engine reads the fields it has a use for; the rest keep these defaults."""
+
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"                             # hf: where the model runs
+    kv_cache_mib: Optional[int] = 256               # vllm: a fixed KV cache (None: sized by the share)
+    gpu_memory_utilization: Optional[float] = None  # vllm on GPU: the share it sizes the KV cache by
+    tensor_parallel_size: int = 1                   # vllm
+    eager: bool = True                              # vllm: no CUDA graphs
+    max_model_len: int = 256                        # vllm
+    max_logprobs: int = 20                          # vllm
+    logprobs_mode: str = "raw_logprobs"             # vllm: "processed_logprobs" = after temperature
 
 
 @dataclass
@@ -89,7 +107,7 @@ def register_engine(name: str) -> Callable:
     return deco
 
 
-def make_engine(name: str, model_dir: str, **options: Any) -> Engine:
+def make_engine(name: str, model_dir: str, options: EngineOptions = EngineOptions()) -> Engine:
     """Build an engine by registry name ('vllm' or 'hf'); imports the backend lazily."""
     if name == "vllm":
         import rollout.vllm_engine  # noqa: F401  (registers itself)
@@ -97,4 +115,4 @@ def make_engine(name: str, model_dir: str, **options: Any) -> Engine:
         import rollout.hf_engine  # noqa: F401
     if name not in _ENGINES:
         raise ValueError(f"rollout.engine: unknown engine {name!r}; choose one of ['vllm', 'hf']")
-    return _ENGINES[name](model_dir, **options)
+    return _ENGINES[name](model_dir, options)

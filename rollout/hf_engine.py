@@ -10,21 +10,21 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from rollout.engine import Generation, SamplingConfig, Scores, register_engine
+from rollout.engine import EngineOptions, Generation, SamplingConfig, Scores, register_engine
 
 
 @register_engine("hf")
 class HFEngine:
-    def __init__(self, model_dir: str, *, seed: int = 0, dtype: str = "float32",
-                 device: str = "cpu", **_unused: Any):
+    def __init__(self, model_dir: str, options: EngineOptions = EngineOptions()):
+        """Reads ``options.seed``, ``dtype`` and ``device``; the vLLM-only fields do not apply."""
         from transformers import AutoModelForCausalLM
 
         self.model_dir = model_dir
         self.version = 0
-        self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        self.device = torch.device(options.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, options.dtype))
         self.model.to(self.device).eval()
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(options.seed)
 
     @torch.no_grad()
     def _logprobs(self, ids: list[int]) -> torch.Tensor:

@@ -9,12 +9,12 @@ vLLM returns the sampled token beside the top-k with its true rank, so we keep r
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-from rollout.engine import Generation, SamplingConfig, Scores, register_engine
+from rollout.engine import EngineOptions, Generation, SamplingConfig, Scores, register_engine
 
 
 def _topk_arrays(entries: list[dict], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -35,33 +35,31 @@ def _topk_arrays(entries: list[dict], k: int) -> tuple[np.ndarray, np.ndarray]:
 class VLLMEngine:
     """One vLLM ``LLM`` over a Hugging Face model directory, addressed with token ids."""
 
-    def __init__(self, model_dir: str, *, seed: int = 0, dtype: str = "float32",
-                 kv_cache_mib: Optional[int] = 256, max_model_len: int = 256, max_logprobs: int = 20,
-                 logprobs_mode: str = "raw_logprobs", eager: bool = True,
-                 gpu_memory_utilization: Optional[float] = None, tensor_parallel_size: int = 1):
+    def __init__(self, model_dir: str, options: EngineOptions = EngineOptions()):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM  # deferred: importing vLLM takes seconds
 
+        o = options
         self.model_dir = model_dir
         self.version = 0
         memory: dict[str, Any] = {}
-        if gpu_memory_utilization is not None:  # GPU: vLLM sizes the KV cache from the share
-            memory["gpu_memory_utilization"] = gpu_memory_utilization
-        if kv_cache_mib is not None:  # CPU (and GPU if asked): a fixed KV cache
-            memory["kv_cache_memory_bytes"] = kv_cache_mib * 2**20
-        if tensor_parallel_size > 1:
+        if o.gpu_memory_utilization is not None:  # GPU: vLLM sizes the KV cache from the share
+            memory["gpu_memory_utilization"] = o.gpu_memory_utilization
+        if o.kv_cache_mib is not None:  # CPU (and GPU if asked): a fixed KV cache
+            memory["kv_cache_memory_bytes"] = o.kv_cache_mib * 2**20
+        if o.tensor_parallel_size > 1:
             # The actor holds all the GPUs its ranks use; vLLM runs the extra ranks as local
             # processes rather than asking Ray for more.
-            memory.update(tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp")
+            memory.update(tensor_parallel_size=o.tensor_parallel_size, distributed_executor_backend="mp")
         self.llm = LLM(
             model_dir,
             skip_tokenizer_init=True,  # the driver tokenises; engines see ids only
-            enforce_eager=eager,
-            dtype=dtype,
-            seed=seed,
-            max_model_len=max_model_len,
-            max_logprobs=max_logprobs,
-            logprobs_mode=logprobs_mode,
+            enforce_eager=o.eager,
+            dtype=o.dtype,
+            seed=o.seed,
+            max_model_len=o.max_model_len,
+            max_logprobs=o.max_logprobs,
+            logprobs_mode=o.logprobs_mode,
             **memory,
         )
 

@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from learner.weight_sync import ObjectStoreTransport
 from cluster.actors import HEALTH_GROUP
-from rollout.actors import RolloutWorker
+from rollout.actors import RolloutSpec, RolloutWorker
+from rollout.engine import EngineOptions
 
 pytestmark = pytest.mark.slow
 PROMPTS = [[1, 5, 9, 13], [1, 7], [1, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37]]
@@ -28,11 +29,11 @@ def hf_greedy(model, prompt, max_new, stop):
 
 
 def start(ray, role, model_dir, **kw):
-    opts = dict(seed=0, dtype="float32", kv_cache_mib=32, max_model_len=128, max_logprobs=20,
-                logprobs_mode="raw_logprobs" if role == "teacher" else "processed_logprobs")
-    actor = ray.remote(concurrency_groups=HEALTH_GROUP)(RolloutWorker).options(num_cpus=1).remote(
-        role, "vllm", model_dir, max_response_tokens=8, temperature=1.0, topk=kw.get("topk", 5),
-        stop_token_ids=[2], engine_options=opts)
+    opts = EngineOptions(seed=0, dtype="float32", kv_cache_mib=32, max_model_len=128, max_logprobs=20,
+                         logprobs_mode="raw_logprobs" if role == "teacher" else "processed_logprobs")
+    spec = RolloutSpec(role, "vllm", model_dir, max_response_tokens=8, temperature=1.0, topk=kw.get("topk", 5),
+                       stop_token_ids=(2,), options=opts)
+    actor = ray.remote(concurrency_groups=HEALTH_GROUP)(RolloutWorker).options(num_cpus=1).remote(spec)
     ray.get(actor.health.remote())
     return actor
 
