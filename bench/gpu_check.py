@@ -77,7 +77,7 @@ def make_rows(teacher: str, student: str, prompts: int, tokens: int):
     """Half teacher samples (off-policy), half student samples scored by the teacher."""
     import numpy as np
     import pyarrow as pa
-    from rollout.actors import RolloutSpec, RolloutWorker
+    from rollout.worker import RolloutSpec, RolloutWorker
     from rollout.engine import EngineOptions
 
     opts = dict(max_response_tokens=tokens, temperature=1.0, topk=16, stop_token_ids=(2,),

@@ -2,7 +2,7 @@
 
 Both engines run in a Ray actor of one CPU with the rollout actors' environment and thread
 count (``cluster.actors.actor_env``), one after the other, never at the same time:
-- vLLM: the job's own student rollout actor (``rollout.actors.RolloutWorker`` over
+- vLLM: the job's own student rollout actor (``rollout.worker.RolloutWorker`` over
   ``rollout/vllm_engine.py``), one ``sample`` request with every prompt; its time is the
   actor's own ``busy_seconds`` around the request (the engine's ``generate``, as the job counts it).
 - transformers: ``HFGenerate`` below, one batched ``model.generate`` call (left padding, KV

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.config import JobConfig
 from cluster.models import ModelPair
 from learner.learner_actor import LearnerSettings, LearnerSpec, LearnerWorker, LossSettings, node_address
-from rollout.actors import RolloutSpec, RolloutWorker
+from rollout.worker import RolloutSpec, RolloutWorker
 from rollout.engine import EngineOptions
 from services.actor_names import BUFFER, actor_name
 from services.replay_buffer import ReplayBuffer
@@ -118,7 +118,7 @@ def engine_options(cfg: JobConfig, role: str, pair: ModelPair, index: int) -> En
 
 
 def rollout_spec(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, index: int) -> RolloutSpec:
-    """What rollout actor ``role``-``index`` is started with (``rollout.actors.RolloutSpec``)."""
+    """What rollout actor ``role``-``index`` is started with (``rollout.worker.RolloutSpec``)."""
     r = cfg.rollout
     return RolloutSpec(role, r.engine, model_dir, cfg.data.max_response_tokens, r.temperature, r.topk,
                        tuple(pair.stop_token_ids), engine_options(cfg, role, pair, index), r.threads)

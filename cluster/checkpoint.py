@@ -4,7 +4,7 @@ Layout under ``<output_dir>/<name>/checkpoints``:
   step-000100/            one complete checkpoint
     deepspeed/            every learner rank's model, optimiser and scheduler state (DeepSpeed),
                           and per rank the objective (AMM adversaries + optimisers) and RNG state
-    student/              the student as a Hugging Face model directory (learner.export)
+    student/              the student as a Hugging Face model directory (learner.student_dir)
     buffer/               the replay buffer at that moment (rows, use counts, sampler RNG)
     driver.json           step, weight version, metric history, evaluations, prompt-stream
                           positions, rollout counters, the config and the models' fingerprints

@@ -12,7 +12,7 @@ def greedy_score(actor: Any, prompts: list[Prompt], tokenizer: Any, metric: str,
                  timeout: float | None = None) -> dict[str, Any]:
     """Greedy-decode ``prompts`` on ``actor`` and score against their references (waiting at
     most ``timeout`` seconds: ray.exceptions.GetTimeoutError past it)."""
-    from tasks.metrics import score
+    from tasks.scoring import score
 
     refs = [p.reference for p in prompts]
     if any(r is None for r in refs):

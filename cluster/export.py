@@ -75,7 +75,7 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: Optional[str] = 
 
     import torch
 
-    from learner.export import write_student_dir
+    from learner.student_dir import write_student_dir
 
     ckpt = resolve_checkpoint(path)
     _check_out(Path(out))

@@ -193,7 +193,7 @@ class LearnerWorker:
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), **metrics}
 
     def _buckets(self, bucket_mib: int, dtype: str):
-        from learner.export import gathered_buckets
+        from learner.student_dir import gathered_buckets
         import torch
         return gathered_buckets(self.engine.module, self.zero_stage, bucket_mib * 2**20,
                                 getattr(torch, dtype), is_rank0=self.rank == 0)
@@ -205,7 +205,7 @@ class LearnerWorker:
         "error"} for collective, ``error`` None when the broadcast went through) and None on
         the other ranks. A tied output head is named in the push (``with_tied_head``).
         """
-        from learner.export import tied_head, with_tied_head
+        from learner.student_dir import tied_head, with_tied_head
         from learner.weight_sync import make_transport
 
         sender = make_transport(transport, bucket_mib=bucket_mib, group=self.weight_group)
@@ -246,7 +246,7 @@ class LearnerWorker:
 
     def export_student(self, out_dir: str, source_dir: str, dtype: str, bucket_mib: int) -> Optional[str]:
         """Write the student as a HF model directory (rank 0 writes; every rank must call)."""
-        from learner.export import write_student_dir
+        from learner.student_dir import write_student_dir
         import torch
 
         buckets = self._buckets(bucket_mib, dtype)

@@ -2,7 +2,7 @@
 
 Tasks are registered by name; ``models.toy_task`` in the config picks one. A task only has to
 say which words it uses (the tokenizer is built from them), how to draw one example from a
-``random.Random`` and which metric scores it (``tasks.metrics``).
+``random.Random`` and which metric scores it (``tasks.scoring``).
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from tasks.base import Example, get_task
-from tasks.metrics import score
+from tasks.scoring import score
 from tasks.tokenizer import build_tokenizer
 from tasks.toy_models import STUDENT, TEACHER, greedy_decode, make_llama, train_sft
 

@@ -164,7 +164,7 @@ def check_exported_student(report, run_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cluster.data import load_prompts
-    from tasks.metrics import score
+    from tasks.scoring import score
 
     cfg = report["config"]
     model = AutoModelForCausalLM.from_pretrained(run_dir / "student").eval()

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from learner.weight_sync import ObjectStoreTransport
 from cluster.actors import HEALTH_GROUP
-from rollout.actors import RolloutSpec, RolloutWorker
+from rollout.worker import RolloutSpec, RolloutWorker
 from rollout.engine import EngineOptions
 
 pytestmark = pytest.mark.slow
@@ -84,9 +84,9 @@ def test_weight_push_then_greedy_equals_transformers(ray_cluster, tiny_models):
 
 def test_weight_push_to_a_tied_student(ray_cluster, tied_model, tmp_path):
     """A tied student's parameters have no lm_head.weight, and vLLM's in-place reload does not
-    re-tie its head to a pushed embedding: the push names the head (learner.export.tied_head),
+    re-tie its head to a pushed embedding: the push names the head (learner.student_dir.tied_head),
     and then the engine decodes what transformers decodes with the new weights."""
-    from learner.export import tied_head, with_tied_head
+    from learner.student_dir import tied_head, with_tied_head
     from tests.integration.conftest import save_tiny_llama
     other = save_tiny_llama(tmp_path / "other", seed=4, tied=True)
     actor = start(ray_cluster, "student", tied_model)

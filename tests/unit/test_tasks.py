@@ -5,7 +5,7 @@ import random
 import pytest
 
 from tasks.base import get_task, task_names
-from tasks.metrics import score
+from tasks.scoring import score
 from tasks.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer
 
 

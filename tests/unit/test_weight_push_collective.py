@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from learner.export import with_tied_head
+from learner.student_dir import with_tied_head
 from learner.weight_sync import (CollectiveTransport, decode_header, encode_header, join_group, make_transport,
                                  pack_buckets)
 

@@ -36,7 +36,7 @@ def test_object_store_export_keeps_rank0s_buckets_and_every_rank_takes_every_gat
     def gathered(rank0: bool):
         for bucket in ([("a", torch.ones(3))], [("b", torch.zeros(2, 2))]):
             gathers.append(rank0)
-            yield bucket if rank0 else []  # other ranks get empty lists (learner.export.gathered_buckets)
+            yield bucket if rank0 else []  # other ranks get empty lists (learner.student_dir.gathered_buckets)
 
     t = make_transport("object_store", bucket_mib=1)
     payload = t.export(gathered(True), version=3, is_rank0=True)
