@@ -264,7 +264,8 @@ def _run_trl_method(setting: Setting, label: str, lr: float, rollouts, pair, val
 
     def score_weights(model_dir: str, prompts) -> float:
         named = load_named_weights(model_dir)
-        payload = make_transport(base.learner.weight_transport, bucket_mib=base.learner.bucket_mib).send(named, 0)
+        # From disk, through the object store: the payload any transport falls back to.
+        payload = make_transport("object_store", bucket_mib=base.learner.bucket_mib).send(named, 0)
         ray.get(student.load_weights.remote(payload, 0))
         return greedy_score(student, prompts, pair.tokenizer, base.eval.metric)["score"]
 
