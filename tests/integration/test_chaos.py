@@ -43,6 +43,17 @@ class Job:
         self.log = self.tmp / f"run{self.runs}.log"
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         self.runs += 1
+        if self.runs > 1:  # a restarted driver: its /healthz answers 200 within 30 s
+            self._healthy_within(30.0, f"the restart of the driver (run {self.runs})")
+
+    def _healthy_within(self, seconds: float, what: str) -> None:
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            health = get_json(f"{self.url}/healthz")
+            if health and health.get("status") == "ok":
+                return
+            time.sleep(0.5)
+        pytest.fail(f"/healthz not 200 within {seconds:.0f} s of {what}:\n{self.text()}")
 
     def text(self) -> str:
         return self.log.read_text()[-4000:]
@@ -67,13 +78,7 @@ class Job:
         """Wait until this process has restarted ``name`` ``count`` times, then require
         /healthz 200 within 30 s."""
         self.snap(lambda s: s["actors"].get(name, {}).get("restarts", 0) >= count, f"{name} restart {count}")
-        healthy_by = time.time() + 30
-        while time.time() < healthy_by:
-            health = get_json(f"{self.url}/healthz")
-            if health and health.get("status") == "ok":
-                return
-            time.sleep(0.5)
-        pytest.fail(f"/healthz not 200 within 30 s of {name}'s restart {count}: {get_json(self.url + '/status')}")
+        self._healthy_within(30.0, f"{name}'s restart {count}")
 
     def kill_driver_at(self, step: int) -> None:
         snap = self.snap(lambda s: s["step"] >= step and (self.tmp / "chaos" / "checkpoints" / "latest").exists(),

@@ -17,10 +17,11 @@ from cluster.supervisor import ActorLostError, Supervisor
 pytestmark = pytest.mark.slow
 
 
-@ray.remote(num_cpus=0, concurrency_groups={"health": 1})
-class Echo:
-    def __init__(self):
-        self.version = None
+class Answering:
+    """The calls the supervisor makes of a rollout actor: ping (in its own thread, as the real
+    actor's), health and load_weights (kept, so a test can read what was loaded)."""
+
+    version = None
 
     @ray.method(concurrency_group="health")
     def ping(self):
@@ -35,6 +36,11 @@ class Echo:
 
     def loaded(self):
         return self.version
+
+
+@ray.remote(num_cpus=0, concurrency_groups={"health": 1})
+class Echo(Answering):
+    pass
 
 
 class Group:
@@ -150,18 +156,8 @@ def test_the_restart_reason_is_the_lost_actors_own_error(ray_cluster):
 
 
 @ray.remote(num_cpus=0, concurrency_groups={"health": 1})
-class SlowRollout:
+class SlowRollout(Answering):
     """A rollout actor whose requests take a while (so they are in flight when it is killed)."""
-
-    @ray.method(concurrency_group="health")
-    def ping(self):
-        return {"pid": os.getpid(), "time": time.time()}
-
-    def health(self):
-        return {"pid": os.getpid()}
-
-    def load_weights(self, payload, version):
-        return version
 
     def sample(self, items):
         return items
