@@ -56,3 +56,14 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tied_model(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tied") / "t", seed=3, tied=True)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """``ammd run`` in these tests must be refused before Ray or any actor starts."""
+    import cluster.driver as driver
+
+    def refuse(*_, **__):
+        raise AssertionError("the bad input was not refused before Ray started")
+    monkeypatch.setattr(driver, "init_ray", refuse)
+    monkeypatch.setattr(driver, "start_actors", refuse)

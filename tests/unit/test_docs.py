@@ -4,7 +4,7 @@
   ``JobConfig``) once, with its default, and no key the config lacks;
 - docs/observability.md lists the metric families of ``services.metrics.FAMILIES``: their names,
   types and labels;
-- docs/errors.md has one row per case of tests/integration/test_user_errors.py, and the text of
+- docs/errors.md has one row per case of tests/integration/test_user_errors*.py, and the text of
   each row's message stands in the source that writes it;
 - docs/amm.md lists the registered losses with their parameters' defaults, and AMM's parameters
   with the defaults the loss resolves to;
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 SOURCE_PACKAGES = ("cluster", "learner", "rollout", "services", "tasks")
-USER_ERRORS_TEST = ROOT / "tests" / "integration" / "test_user_errors.py"
+USER_ERRORS_TESTS = sorted((ROOT / "tests" / "integration").glob("test_user_errors*.py"))
 
 
 # --- reading markdown -------------------------------------------------------------------------------
@@ -171,8 +171,14 @@ PLACEHOLDER = r"<[A-Za-z.'][^<>]*>"  # "<f>", "<row n>", "<...>"; not "<= lr"
 
 
 def user_error_cases() -> set[str]:
-    """Every case id of test_user_errors.py: ``test_name`` or ``test_name[param id]``."""
-    tree = ast.parse(USER_ERRORS_TEST.read_text())
+    """Every case id of the test_user_errors*.py files: ``test_name`` or ``test_name[param id]``."""
+    out: set[str] = set()
+    for path in USER_ERRORS_TESTS:
+        out |= _cases_of(ast.parse(path.read_text()))
+    return out
+
+
+def _cases_of(tree: ast.Module) -> set[str]:
     cases_by_name = {}
     for node in tree.body:  # module-level dicts of cases: their keys are the parametrize ids
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
@@ -218,7 +224,7 @@ def test_every_user_error_case_has_one_row_and_every_row_names_a_case():
     rows = tables(DOCS / "errors.md", ERROR_HEADER)
     named = [case for row in rows for case in code_spans(row[3])]
     cases = user_error_cases()
-    assert len(cases) > 30, f"reading {USER_ERRORS_TEST.name} found only {sorted(cases)}"
+    assert len(cases) > 30, f"reading {[p.name for p in USER_ERRORS_TESTS]} found only {sorted(cases)}"
     twice = sorted({c for c in named if named.count(c) > 1})
     assert not twice, f"docs/errors.md names these cases in two rows: {twice}"
     assert not sorted(cases - set(named)), f"cases of test_user_errors.py without a row in docs/errors.md: " \
