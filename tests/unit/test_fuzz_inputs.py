@@ -23,7 +23,7 @@ from cluster.config import JobConfig
 from cluster.data import DataError, load_prompts, reference_rows
 
 ROOT = Path(__file__).resolve().parents[2]
-SETTINGS = settings(max_examples=120, deadline=5000, derandomize=True,
+SETTINGS = settings(max_examples=120, deadline=5000, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
