@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import ray
@@ -103,12 +103,6 @@ class Trainer:
     def pushed_at(self) -> int:
         """The learner step whose weights the students hold (-1 before the first push)."""
         return self.weight_push.pushed_at
-
-    @property
-    def payload(self) -> Any:
-        """The object-store payload the last push kept (None after a collective push), which
-        bench.speed_push reads to tell a fallback."""
-        return self.weight_push.payload
 
     def push_weights(self, version: int | None = None) -> Pushed:
         """Send the learner's current weights to every student as ``version`` (default: the

@@ -93,7 +93,7 @@ def test_collective_push_equals_transformers_and_the_object_store(job):
     before = decodes(trainer)
     step(trainer)
     pushed = trainer.push_weights(version=1)
-    assert pushed.transport == "collective" and trainer.payload is None and not logs  # no fallback
+    assert pushed.transport == "collective" and trainer.weight_push.payload is None and not logs  # no fallback
     want = learner_greedy(trainer, model_dir)
     assert want != before[0]
     assert decodes(trainer) == [want, want] and versions(trainer) == [1, 1]
@@ -105,7 +105,7 @@ def test_collective_push_equals_transformers_and_the_object_store(job):
 def test_restarts_and_a_failed_push_keep_every_student_on_the_learners_weights(job):
     trainer, supervisor, logs, model_dir = job
     step(trainer)
-    assert trainer.push_weights().transport == "collective" and trainer.payload is None and not logs
+    assert trainer.push_weights().transport == "collective" and trainer.weight_push.payload is None and not logs
     # A student restarted after the learner stepped: its first load comes through the object
     # store as a new version, which every student loads (one version, one set of weights).
     step(trainer)
@@ -117,7 +117,7 @@ def test_restarts_and_a_failed_push_keep_every_student_on_the_learners_weights(j
     assert decodes(trainer) == [want, want]
     # The next push forms the group again, with the new actor in it.
     step(trainer)
-    assert trainer.push_weights().transport == "collective" and trainer.payload is None
+    assert trainer.push_weights().transport == "collective" and trainer.weight_push.payload is None
     assert trainer.weight_push.route.members[1] is trainer.actors.students[1]
     assert not [line for line in logs if "collective weight push" in line]
     want = learner_greedy(trainer, model_dir)
@@ -129,7 +129,7 @@ def test_restarts_and_a_failed_push_keep_every_student_on_the_learners_weights(j
     t0 = time.time()
     pushed = trainer.push_weights()
     assert time.time() - t0 < 30, logs[-1]
-    assert pushed.transport == "object_store" and trainer.payload is not None
+    assert pushed.transport == "object_store" and trainer.weight_push.payload is not None
     assert "collective weight push" in logs[-1] and "failed" in logs[-1]
     supervisor.recover(["student-0"], RuntimeError("lost"))
     want = learner_greedy(trainer, model_dir)
