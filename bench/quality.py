@@ -188,9 +188,9 @@ def run_sweep(setting: Setting, runs: list[tuple[str, float]], journal: Path,
     from cluster.models import check_models
 
     base = setting.base
-    pair = check_models(base.models.teacher, base.models.student,
-                        base.data.max_prompt_tokens, base.data.max_response_tokens)
-    val = load_prompts(setting.val_path, pair.tokenizer, base.data.max_prompt_tokens,
+    pair = check_models(base.models.teacher, base.models.student, base.data.max_prompt_tokens,
+                        base.data.max_response_tokens, base.data.chat_template, base.data.system_prompt)
+    val = load_prompts(setting.val_path, pair.chat, base.data.max_prompt_tokens,
                        limit=base.data.eval_size)
     init_ray(base)
     rollouts = start_rollouts(base, pair)
@@ -285,7 +285,7 @@ def _run_trl_method(setting: Setting, label: str, lr: float, rollouts, pair, val
 
 def _test_prompts(base, pair) -> list:
     from cluster.data import load_prompts
-    return load_prompts(base.data.eval, pair.tokenizer, base.data.max_prompt_tokens,
+    return load_prompts(base.data.eval, pair.chat, base.data.max_prompt_tokens,
                         limit=base.data.eval_size)
 
 

@@ -153,7 +153,7 @@ def run_on_ray(result: dict, plan: Plan, world: SpeedWorld, dtype: str) -> dict:
 
     cfg = load_config(BASE_CONFIG, realistic_overrides(world, plan, dtype))
     pair = check_models(str(world.teacher), str(world.student), plan.max_prompt, plan.max_response)
-    prompts = [p.ids for p in load_prompts(str(world.train_path), pair.tokenizer, plan.max_prompt,
+    prompts = [p.ids for p in load_prompts(str(world.train_path), pair.chat, plan.max_prompt,
                                            limit=plan.rollout_prompts)]
     part(result, "rollout", lambda: measure_rollout(cfg, pair, prompts, max_tokens=plan.max_tokens,
                                                    stop_every=plan.stop_every, repeats=plan.repeats, log=log))

@@ -121,7 +121,8 @@ def rollout_spec(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, ind
     """What rollout actor ``role``-``index`` is started with (``rollout.worker.RolloutSpec``)."""
     r = cfg.rollout
     return RolloutSpec(role, r.engine, model_dir, cfg.data.max_response_tokens, r.temperature, r.topk,
-                       tuple(pair.stop_token_ids), engine_options(cfg, role, pair, index), r.threads)
+                       tuple(pair.stop_token_ids), engine_options(cfg, role, pair, index), r.threads,
+                       pair.vocab_size if pair.padded_apart else None)
 
 
 def _rollout(cfg: JobConfig, role: str, model_dir: str, pair: ModelPair, index: int):
@@ -159,7 +160,8 @@ def _learner_group(cfg: JobConfig) -> tuple[Any, list[int]]:
 def learner_spec(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: str | None = None) -> LearnerSpec:
     """What every learner rank of the job is started with (``learner.learner_actor.LearnerSpec``)."""
     loss = LossSettings(cfg.loss.name, cfg.loss.params, cfg.loss.teacher_signal, cfg.rollout.temperature)
-    return LearnerSpec(student_dir, LearnerSettings.of(cfg.learner), loss, cfg.seed, pair.pad_id, teacher_dir)
+    return LearnerSpec(student_dir, LearnerSettings.of(cfg.learner), loss, cfg.seed, pair.pad_id, teacher_dir,
+                       pair.vocab_size)
 
 
 def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: str | None = None):

@@ -60,10 +60,17 @@ class ModelsConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Prompts as JSONL (``{"prompt": ..., "response": ...}``), Parquet or a saved HF dataset dir."""
+    """Rows as JSONL, Parquet or a saved HF dataset dir: ``{"messages": [...]}``, TRL's
+    ``{"prompt": [...], "completion": [...]}`` or ``{"prompt": ..., "response": ...}`` (cluster.chat)."""
 
     train: Optional[str] = None
     eval: Optional[str] = None
+    chat_template: str = Field(
+        "auto", min_length=1, description="auto = the student's tokenizer's own template (raw text if it "
+        "has none); none = raw text; else the path of a Jinja template used for both models")
+    system_prompt: Optional[str] = Field(
+        None, min_length=1, description="a system turn put before every conversation that has none "
+                                        "(needs a chat template)")
     max_prompt_tokens: int = Field(128, gt=0)
     max_response_tokens: int = Field(64, gt=0)
     eval_size: int = Field(200, gt=0, description="held-out prompts scored before and after")

@@ -1,8 +1,10 @@
 """Prompt data: reading JSONL, Parquet or a saved HF dataset directory, and tokenising it.
 
-Every row needs a ``prompt`` string; ``response`` is optional (references for evaluation, and
-the off-policy rows when ``rollout.off_policy`` is ``dataset``). Problems are reported as one
-line naming the file, the row and the fix.
+Every row is a conversation (``messages``, or TRL's ``prompt``/``completion`` turns) or a plain
+``prompt`` string with an optional ``response``; ``cluster.chat`` renders either through the
+student's chat template. Responses are the references for evaluation and the off-policy rows
+when ``rollout.off_policy`` is ``dataset``. Problems are reported as one line naming the file,
+the row and the fix.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from cluster.chat import ChatError, ChatFormat
 from cluster.errors import first_line
 
 
@@ -25,6 +28,7 @@ class Prompt:
     ids: list[int]
     reference: Optional[str]
     where: str = ""  # "line 7" of a JSONL file, "row 7" of a table: what an error names
+    reference_ids: Optional[list[int]] = None  # the reference's ids, ending with a stop token
 
 
 def numbered_rows(path: str) -> list[tuple[str, Any]]:
@@ -101,29 +105,40 @@ def _json_line(p: Path, n: int, line: str) -> Any:
                         f"one flat object such as {{\"prompt\": \"...\"}}") from None
 
 
-def load_prompts(path: str, tokenizer: Any, max_prompt_tokens: int, limit: Optional[int] = None) -> list[Prompt]:
-    """Read and tokenise prompts, refusing rows without a prompt or longer than allowed."""
+def load_prompts(path: str, fmt: ChatFormat, max_prompt_tokens: int, limit: Optional[int] = None) -> list[Prompt]:
+    """Read and render prompts with ``fmt``, refusing rows without a prompt, rows the chat
+    format cannot render, and prompts longer than allowed."""
     rows = numbered_rows(path)
     if not rows:
-        raise DataError(f"{path} holds no rows; give a file with one {{\"prompt\": ...}} per row")
+        raise DataError(f"{path} holds no rows; give a file with one {{\"prompt\": ...}} or "
+                        f"{{\"messages\": [...]}} per row")
     prompts = []
     for n, (where, row) in enumerate(rows[:limit] if limit else rows):
-        text = _prompt_text(path, where, row)
-        ids = tokenizer(text)["input_ids"]
-        if len(ids) > max_prompt_tokens:
-            raise DataError(f"{path}: {where} has a prompt of {len(ids)} tokens, longer than "
+        _check_row(path, where, row)
+        try:
+            r = fmt.render(row, f"{path}: {where}")
+        except ChatError as err:
+            raise DataError(str(err)) from None
+        if len(r.ids) > max_prompt_tokens:
+            raise DataError(f"{path}: {where} has a prompt of {len(r.ids)} tokens, longer than "
                             f"data.max_prompt_tokens={max_prompt_tokens}; shorten it or raise "
                             f"data.max_prompt_tokens (within the model's context length)")
-        ref = row.get("response")
-        prompts.append(Prompt(n, text, list(ids), ref if isinstance(ref, str) else None, where))
+        prompts.append(Prompt(n, r.text, r.ids, r.reference, where, r.reference_ids))
     return prompts
+
+
+def _check_row(path: str, where: str, row: Any) -> None:
+    """DataError unless ``row`` is an object holding a conversation or a prompt string."""
+    if isinstance(row, dict) and ("messages" in row or isinstance(row.get("prompt"), list)):
+        return  # a conversation: cluster.chat checks its turns
+    _prompt_text(path, where, row)
 
 
 def _prompt_text(path: str, where: str, row: Any) -> str:
     """The row's prompt string; DataError saying what is wrong with it otherwise."""
     if not isinstance(row, dict):
         raise DataError(f"{path}: {where} is a JSON {type(row).__name__}, not an object; every row "
-                        f"needs {{\"prompt\": \"...\"}}, \"response\" is optional")
+                        f"needs {{\"prompt\": \"...\"}} (\"response\" is optional) or {{\"messages\": [...]}}")
     text = row.get("prompt")
     if isinstance(text, str) and not text.strip():
         raise DataError(f"{path}: {where} has an empty 'prompt'; give it text or remove the row")
@@ -131,28 +146,27 @@ def _prompt_text(path: str, where: str, row: Any) -> str:
         keys = [str(k)[:40] for k in sorted(row, key=str)[:10]]
         got = (f"no 'prompt' string (it has {keys})" if "prompt" not in row
                else f"a 'prompt' of type {type(text).__name__}, not a string")
-        raise DataError(f"{path}: {where} has {got}; every row needs {{\"prompt\": \"...\"}}, "
-                        f"\"response\" is optional")
+        raise DataError(f"{path}: {where} has {got}; every row needs {{\"prompt\": \"...\"}} "
+                        f"(\"response\" is optional) or {{\"messages\": [...]}}")
     return text
 
 
-def reference_rows(prompts: list[Prompt], tokenizer: Any, stop_id: int, max_response_tokens: int,
+def reference_rows(prompts: list[Prompt], max_response_tokens: int,
                    path: str) -> list[tuple[int, list[int], list[int]]]:
-    """(prompt_id, prompt ids, response ids + stop token) for every training row.
+    """(prompt_id, prompt ids, response ids ending with a stop token) for every training row.
 
     Used when the off-policy rows are the file's own responses, so every row needs one that
     fits the response budget.
     """
     rows = []
     for p in prompts:
-        if p.reference is None:
-            raise DataError(f"{path}: {p.where} has no 'response' string; "
-                            f"rollout.off_policy=dataset trains on the file's responses, so every "
-                            f"row needs one (or set rollout.off_policy=teacher)")
-        ids = tokenizer(p.reference, add_special_tokens=False)["input_ids"] + [stop_id]
-        if len(ids) > max_response_tokens:
-            raise DataError(f"{path}: {p.where} has a response of {len(ids)} tokens "
+        if p.reference_ids is None:
+            raise DataError(f"{path}: {p.where} has no response (a 'response' string, or a last "
+                            f"turn by the assistant); rollout.off_policy=dataset trains on the file's "
+                            f"responses, so every row needs one (or set rollout.off_policy=teacher)")
+        if len(p.reference_ids) > max_response_tokens:
+            raise DataError(f"{path}: {p.where} has a response of {len(p.reference_ids)} tokens "
                             f"(with the stop token), longer than data.max_response_tokens="
                             f"{max_response_tokens}; shorten it or raise data.max_response_tokens")
-        rows.append((p.prompt_id, p.ids, ids))
+        rows.append((p.prompt_id, p.ids, p.reference_ids))
     return rows

@@ -58,8 +58,10 @@ def check_inputs(cfg: JobConfig, resume: bool = False) -> JobInputs:
     """Check everything the job needs; ConfigError, DataError, ModelError or CheckpointError
     (one line each, naming the field and the fix) for the first problem found."""
     cfg = resolve_inputs(cfg)
-    pair = check_models(cfg.models.teacher, cfg.models.student,
-                        cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
+    pair = check_models(cfg.models.teacher, cfg.models.student, cfg.data.max_prompt_tokens,
+                        cfg.data.max_response_tokens, cfg.data.chat_template, cfg.data.system_prompt)
+    logs.info(f"stop tokens: {pair.describe_stops()}; prompts "
+              + ("rendered with the chat template" if pair.chat.template else "as raw text (no chat template)"))
     if cfg.rollout.topk > pair.vocab_size:
         raise ConfigError(f"rollout.topk={cfg.rollout.topk} is larger than the vocabulary "
                           f"({pair.vocab_size} tokens); lower it to at most {pair.vocab_size}")
@@ -86,17 +88,16 @@ def check_inputs(cfg: JobConfig, resume: bool = False) -> JobInputs:
 def _data(cfg: JobConfig, pair: ModelPair) -> tuple[list[Prompt], list[Prompt], Optional[list]]:
     """The training prompts, the evaluation prompts (each with its reference) and, for
     ``rollout.off_policy=dataset``, the training file's responses as rows."""
-    train = load_prompts(cfg.data.train, pair.tokenizer, cfg.data.max_prompt_tokens)
+    train = load_prompts(cfg.data.train, pair.chat, cfg.data.max_prompt_tokens)
     eval_path = cfg.data.eval or cfg.data.train
-    evals = load_prompts(eval_path, pair.tokenizer, cfg.data.max_prompt_tokens, limit=cfg.data.eval_size)
+    evals = load_prompts(eval_path, pair.chat, cfg.data.max_prompt_tokens, limit=cfg.data.eval_size)
     missing = next((p for p in evals if p.reference is None), None)
     if missing is not None:
-        raise DataError(f"{eval_path}: {missing.where} has no 'response'; the evaluation prompts "
-                        f"need one each (the reference the student is scored against)")
+        raise DataError(f"{eval_path}: {missing.where} has no 'response' (or last assistant turn); "
+                        f"the evaluation prompts need one each (the reference the student is scored against)")
     references = None
     if cfg.rollout.off_policy == "dataset":
-        references = reference_rows(train, pair.tokenizer, pair.stop_token_ids[0],
-                                    cfg.data.max_response_tokens, cfg.data.train)
+        references = reference_rows(train, cfg.data.max_response_tokens, cfg.data.train)
     return train, evals, references
 
 

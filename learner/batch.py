@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from learner.teacher_signal import TopKSignal
+from learner.teacher_signal import TopKSignal, drop_ids_beyond
 from services.buffer_schema import SOURCES, batch_to_rows
 
 
@@ -49,7 +49,10 @@ class LearnerBatch:
         return logits[:, self.prompt_len - 1: self.prompt_len - 1 + r]
 
 
-def collate(table: pa.Table, pad_id: int) -> LearnerBatch:
+def collate(table: pa.Table, pad_id: int, vocab_limit: Optional[int] = None) -> LearnerBatch:
+    """The rows of ``table`` as one padded batch. Teacher top-k slots naming an id at or past
+    ``vocab_limit`` (the tokenizer's size; None = no limit) become padding and their mass joins
+    the tail (``drop_ids_beyond``): a padding row of the teacher's output layer is no target."""
     rows = batch_to_rows(table)
     if not rows:
         raise ValueError("cannot collate an empty batch")
@@ -88,5 +91,10 @@ def collate(table: pa.Table, pad_id: int) -> LearnerBatch:
         behavior_logprobs=torch.from_numpy(blp),
         is_on_policy=torch.tensor([SOURCES.index(r.source) == student for r in rows]),
         policy_version=torch.tensor([r.policy_version for r in rows]),
-        teacher=TopKSignal(torch.from_numpy(t_ids), torch.from_numpy(t_lps), torch.from_numpy(t_tail)),
+        teacher=_limited(TopKSignal(torch.from_numpy(t_ids), torch.from_numpy(t_lps), torch.from_numpy(t_tail)),
+                         vocab_limit),
     )
+
+
+def _limited(signal: TopKSignal, vocab_limit: Optional[int]) -> TopKSignal:
+    return signal if vocab_limit is None else drop_ids_beyond(signal, vocab_limit)

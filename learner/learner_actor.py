@@ -79,6 +79,7 @@ class LearnerSpec:
     seed: int
     pad_id: int
     teacher_dir: Optional[str] = None  # needed by loss.teacher_signal=full only
+    vocab_limit: Optional[int] = None  # the tokenizer's size: ids at or past it are padding rows
 
 
 def deepspeed_config(learner: LearnerSettings, world_size: int) -> dict:
@@ -115,6 +116,7 @@ class LearnerWorker:
         from learner.schedule import make_lr_scheduler, warmup_steps
 
         self.rank, self.world_size, self.pad_id = rank, world_size, spec.pad_id
+        self.vocab_limit = spec.vocab_limit
         self.device = torch.device("cuda", torch.cuda.current_device()) if learner.device == "cuda" else torch.device("cpu")
         deepspeed.init_distributed(dist_backend=collective_backend(learner.device))
         model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
@@ -129,8 +131,12 @@ class LearnerWorker:
             self.teacher.requires_grad_(False)
         if learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        # With full teacher logits both distributions are compared over the tokenizer's ids only:
+        # the two output layers may be padded to different widths, and a padding row is no target.
+        self.loss_width = (spec.vocab_limit or model.config.vocab_size) if self.teacher is not None \
+            else model.config.vocab_size
         self.objective = make_objective(loss, hidden_size=model.config.hidden_size,
-                                        vocab_size=model.config.vocab_size, device=self.device,
+                                        vocab_size=self.loss_width, device=self.device,
                                         steps=learner.steps, temperature=loss.sampling_temperature)
         optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, weight_decay=learner.weight_decay)
         # DeepSpeed steps the scheduler inside engine.step() and keeps it in its checkpoints.
@@ -166,15 +172,16 @@ class LearnerWorker:
         t0 = time.time()
         shard = table.take(list(range(self.rank, table.num_rows, self.world_size)))
         n_on = sum(1 for s in table.column("source").to_pylist() if s == "student")
-        batch = dataclasses.replace(collate(shard, self.pad_id),
+        batch = dataclasses.replace(collate(shard, self.pad_id, self.vocab_limit),
                                     totals=(n_on, table.num_rows - n_on, self.world_size)).to(self.device)
         out = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           position_ids=batch.position_ids, output_hidden_states=self.objective.needs_hidden)
         if self.teacher is not None:
             with torch.no_grad():
                 full = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    position_ids=batch.position_ids).logits
+                                    position_ids=batch.position_ids).logits[..., :self.loss_width]
             batch = dataclasses.replace(batch, teacher=batch.response_logits(full).float())
+            out.logits = out.logits[..., :self.loss_width]  # a view: the gradient flows through it
         loss, metrics = self.objective.loss(out, batch)
         # Every rank must take the same branch: skip the step everywhere if any rank saw NaN/inf.
         if not all_ranks_finite(loss):

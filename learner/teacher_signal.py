@@ -38,3 +38,23 @@ def tail_logmass_from_topk(logprobs: torch.Tensor) -> torch.Tensor:
     lse = torch.logsumexp(logprobs, dim=-1).clamp(max=0.0)
     # log(1 - e^x) = log(-expm1(x)); -inf when the top-k already holds all the mass.
     return torch.log(-torch.expm1(lse))
+
+
+def drop_ids_beyond(signal: TopKSignal, limit: int, pad_logprob: float = -1e4) -> TopKSignal:
+    """The signal with every top-k slot naming an id >= ``limit`` turned into a padded slot
+    (id 0, log-prob ``pad_logprob``: the losses drop it) and its mass moved into the tail.
+
+    Ids at or past the tokenizer's size are padding rows of the teacher's output layer, not
+    tokens: no loss may target them on their own, and a student with fewer rows has no logit
+    for them. Their mass stays in the distribution, in the tail bucket the losses compare
+    with the student's mass outside the top-k:
+    tail' = log(exp(tail) + sum_{dropped} exp(logprob)).
+    """
+    beyond = signal.ids >= limit
+    if not bool(beyond.any()):
+        return signal
+    dropped = torch.where(beyond, signal.logprobs, torch.full_like(signal.logprobs, float("-inf")))
+    tail = torch.logaddexp(signal.tail_logmass, torch.logsumexp(dropped, dim=-1))
+    return TopKSignal(torch.where(beyond, torch.zeros_like(signal.ids), signal.ids),
+                      torch.where(beyond, torch.full_like(signal.logprobs, pad_logprob), signal.logprobs),
+                      tail)

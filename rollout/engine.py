@@ -33,6 +33,9 @@ class SamplingConfig:
     temperature: float = 1.0  # 0 = greedy
     topk: int = 0  # keep the top-k log-probs of each generated position (0 = none)
     stop_token_ids: tuple[int, ...] = ()
+    # Sample only ids below this (None = any): set when the two models' output layers are padded
+    # to different widths, so neither emits a padding id the other has no embedding for.
+    token_limit: Optional[int] = None
 
 
 @dataclass(frozen=True)

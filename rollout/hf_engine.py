@@ -40,6 +40,8 @@ class HFEngine:
         finish = "length"
         for _ in range(sampling.max_tokens):
             raw = self._logprobs(seq)[-1]
+            if sampling.token_limit is not None:  # renormalised over the allowed ids, as vLLM does
+                raw = torch.log_softmax(raw[:sampling.token_limit], dim=-1)
             if sampling.temperature == 0:
                 tok = int(raw.argmax())
                 policy = raw

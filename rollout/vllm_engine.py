@@ -73,8 +73,9 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
         # logprobs=k returns the top-k plus the sampled token; 0 returns just the sampled token.
+        limit = {} if sampling.token_limit is None else {"allowed_token_ids": list(range(sampling.token_limit))}
         params = self._params(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                              logprobs=sampling.topk, stop_token_ids=list(sampling.stop_token_ids))
+                              logprobs=sampling.topk, stop_token_ids=list(sampling.stop_token_ids), **limit)
         outs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
         result = []
         for prompt, out in zip(prompts, outs):

@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import ray
@@ -51,6 +52,7 @@ class RolloutSpec:
     stop_token_ids: tuple[int, ...]
     options: EngineOptions = EngineOptions()
     threads: int = 1                 # torch/OpenMP threads on CPU
+    token_limit: Optional[int] = None  # sample only ids below it (SamplingConfig.token_limit)
 
 
 class RolloutWorker:
@@ -59,7 +61,8 @@ class RolloutWorker:
         torch.set_num_threads(spec.threads)  # before vLLM starts: its CPU worker pins the thread count
         self.role = spec.role
         self.topk = spec.topk
-        self.sampling = SamplingConfig(spec.max_response_tokens, spec.temperature, 0, tuple(spec.stop_token_ids))
+        self.sampling = SamplingConfig(spec.max_response_tokens, spec.temperature, 0, tuple(spec.stop_token_ids),
+                                       spec.token_limit)
         self.engine = make_engine(spec.engine, spec.model_dir, spec.options)
         # A student takes every transport's push (the driver picks one per push, cluster.weight_push):
         # ``load_weights`` reads the object store, ``receive_weights`` the side band.
@@ -122,8 +125,7 @@ class RolloutWorker:
     # -- teacher ---------------------------------------------------------------------------
     def sample_rows(self, batch: PromptBatch):
         t0 = time.time()
-        sampling = SamplingConfig(self.sampling.max_tokens, self.sampling.temperature, self.topk,
-                                  self.sampling.stop_token_ids)
+        sampling = dataclasses.replace(self.sampling, topk=self.topk)
         gens = self.engine.generate([p for _, p in batch], sampling)
         self._account(gens, t0)
         rows = [self._row(pid, g, "teacher", -1, g.topk_ids, g.topk_logprobs) for (pid, _), g in zip(batch, gens)]
@@ -151,7 +153,7 @@ class RolloutWorker:
 
     # -- both ------------------------------------------------------------------------------
     def greedy(self, prompts: list[list[int]]) -> list[list[int]]:
-        greedy = SamplingConfig(self.sampling.max_tokens, 0.0, 0, self.sampling.stop_token_ids)
+        greedy = dataclasses.replace(self.sampling, temperature=0.0, topk=0)
         return [g.response_ids.tolist() for g in self.engine.generate(prompts, greedy)]
 
     def health(self) -> dict[str, Any]:

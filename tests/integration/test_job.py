@@ -163,13 +163,15 @@ def check_exported_student(report, run_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cluster.chat import ChatFormat
     from cluster.data import load_prompts
     from tasks.scoring import score
 
     cfg = report["config"]
     model = AutoModelForCausalLM.from_pretrained(run_dir / "student").eval()
     tok = AutoTokenizer.from_pretrained(run_dir / "student")
-    prompts = load_prompts(cfg["data"]["eval"], tok, cfg["data"]["max_prompt_tokens"], limit=cfg["data"]["eval_size"])
+    fmt = ChatFormat(tok, None, None, (tok.eos_token_id,))  # the toy tokenizer has no chat template
+    prompts = load_prompts(cfg["data"]["eval"], fmt, cfg["data"]["max_prompt_tokens"], limit=cfg["data"]["eval_size"])
     texts = []
     with torch.no_grad():
         for p in prompts:

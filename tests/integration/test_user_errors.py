@@ -279,7 +279,7 @@ def test_dataset_off_policy_rows_without_response(capsys, toy_world, tmp_path, n
     rc, err = run_cli(capsys, "run", CONFIG, *models(toy_world), f"data.train={data}",
                       f"data.eval={toy_world.test_path}", "rollout.off_policy=dataset",
                       f"output_dir={tmp_path / 'runs'}")
-    assert_one_error(rc, err, "line 2 has no 'response' string", "rollout.off_policy=dataset",
+    assert_one_error(rc, err, "line 2 has no response", "rollout.off_policy=dataset",
                      "or set rollout.off_policy=teacher")
 
 
@@ -328,8 +328,20 @@ def test_teacher_and_student_with_different_vocabularies(capsys, toy_world, tmp_
     tok.save_pretrained(other)
     rc, err = run_cli(capsys, "check", CONFIG, f"models.teacher={toy_world.teacher_dir}",
                       f"models.student={other}", f"data.train={toy_world.train_path}")
-    assert_one_error(rc, err, "vocabularies differ", "vocab_size 48", "has 64",
-                     "needs one shared vocabulary")
+    assert_one_error(rc, err, "tokenizers differ", "token/id pairs disagree",
+                     "needs the same tokenizer for both models")
+
+
+def test_tokenizer_larger_than_the_output_layer(capsys, toy_world, tmp_path):
+    small = tmp_path / "student"
+    shutil.copytree(toy_world.student_dir, small)
+    cfg = json.loads((small / "config.json").read_text())
+    cfg["vocab_size"] = 8  # fewer output rows than the tokenizer has tokens
+    (small / "config.json").write_text(json.dumps(cfg))
+    rc, err = run_cli(capsys, "check", CONFIG, f"models.teacher={toy_world.teacher_dir}",
+                      f"models.student={small}", f"data.train={toy_world.train_path}")
+    assert_one_error(rc, err, "the tokenizer has", "but the student", "has only vocab_size 8 output rows",
+                     "the tokenizer it was trained with")
 
 
 def test_same_size_but_different_tokenizer(capsys, toy_world, tmp_path):

@@ -52,3 +52,12 @@ def test_the_hf_engine_gets_its_device():
     o = engine_options(cfg, "student", PAIR, 0)
     assert (o.device, o.seed, o.dtype) == ("cuda", cfg.seed, cfg.rollout.dtype)
     assert engine_options(cfg, "teacher", PAIR, 0).device == "cpu"
+
+
+def test_a_pair_padded_apart_samples_only_the_tokenizers_ids_and_the_learner_knows_the_limit():
+    cfg = build_config({})
+    same = dataclasses.replace(PAIR, widths=(64, 64))
+    apart = dataclasses.replace(PAIR, widths=(80, 64))
+    assert rollout_spec(cfg, "student", "/s", same, 0).token_limit is None
+    assert {rollout_spec(cfg, role, "/m", apart, 0).token_limit for role in ("student", "teacher")} == {48}
+    assert learner_spec(cfg, "/s", same, "/t").vocab_limit == learner_spec(cfg, "/s", apart, "/t").vocab_limit == 48

@@ -99,8 +99,11 @@ LINES = st.one_of(ROWS.map(json.dumps), st.text(max_size=40), st.just(""), st.ju
 
 @pytest.fixture(scope="module")
 def tokenizer(toy_world):
+    """The toy world's rows as a job reads them: its real tokenizer, raw text, stop token 2."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(toy_world.student_dir)
+
+    from cluster.chat import ChatFormat
+    return ChatFormat(AutoTokenizer.from_pretrained(toy_world.student_dir), None, None, (2,))
 
 
 @SETTINGS
@@ -119,7 +122,7 @@ def test_random_data_rows_are_read_or_refused_with_one_line(tmp_path_factory, to
             return  # not a table: nothing a user could have written as Parquet
     try:
         prompts = load_prompts(str(path), tokenizer, max_prompt_tokens=24)
-        reference_rows(prompts, tokenizer, 1, 16, str(path))
+        reference_rows(prompts, 16, str(path))
     except DataError as err:
         text = str(err)
         assert 0 < len(text) < 2000, text[:300]  # the CLI prints it as one line
