@@ -168,7 +168,7 @@ def test_output_dir_that_is_a_file(capsys, toy_world, tmp_path, no_ray):
 
 def test_topk_larger_than_the_vocabulary(capsys, toy_world):
     rc, err = run_cli(capsys, "check", CONFIG, *own(toy_world, "rollout.topk=100"))
-    assert_one_error(rc, err, "rollout.topk=100 is larger than the vocabulary (48 tokens)", "at most 48")
+    assert_one_error(rc, err, "rollout.topk=100 is larger than the vocabulary (36 tokens)", "at most 36")
 
 
 def test_check_refuses_what_run_refuses(capsys, toy_world, tmp_path):
@@ -180,7 +180,7 @@ def test_check_refuses_what_run_refuses(capsys, toy_world, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "sort 1 2 =", "response": "1 2"}, {"prompt": "sort 3 1 ="}])
     rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={data}",
                       f"data.eval={toy_world.test_path}", "rollout.off_policy=dataset")
-    assert_one_error(rc, err, "line 2 has no 'response' string", "rollout.off_policy=dataset")
+    assert_one_error(rc, err, "line 2 has no response", "rollout.off_policy=dataset")
     try:  # W&B asked for but not installed (wandb is no dependency of ammd)
         import wandb  # noqa: F401
     except ImportError:
@@ -233,7 +233,7 @@ def test_empty_data_file(capsys, toy_world, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("\n")
     rc, err = run_cli(capsys, "check", CONFIG, *models(toy_world), f"data.train={data}")
-    assert_one_error(rc, err, f"{data} holds no rows", "one {\"prompt\": ...} per row")
+    assert_one_error(rc, err, f"{data} holds no rows", "one {\"prompt\": ...} or {\"messages\": [...]} per row")
 
 
 def test_data_file_not_text(capsys, toy_world, tmp_path):
