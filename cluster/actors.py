@@ -160,8 +160,9 @@ def _learner_group(cfg: JobConfig) -> tuple[Any, list[int]]:
 def learner_spec(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: str | None = None) -> LearnerSpec:
     """What every learner rank of the job is started with (``learner.learner_actor.LearnerSpec``)."""
     loss = LossSettings(cfg.loss.name, cfg.loss.params, cfg.loss.teacher_signal, cfg.rollout.temperature)
+    restricted = pair.padded_apart or cfg.loss.teacher_signal == "full"
     return LearnerSpec(student_dir, LearnerSettings.of(cfg.learner), loss, cfg.seed, pair.pad_id, teacher_dir,
-                       pair.vocab_size)
+                       pair.vocab_size, pair.vocab_size if restricted else None)
 
 
 def _learners(cfg: JobConfig, student_dir: str, pair: ModelPair, teacher_dir: str | None = None):

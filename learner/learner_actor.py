@@ -80,6 +80,10 @@ class LearnerSpec:
     pad_id: int
     teacher_dir: Optional[str] = None  # needed by loss.teacher_signal=full only
     vocab_limit: Optional[int] = None  # the tokenizer's size: ids at or past it are padding rows
+    # Compare distributions over the first loss_width ids only (None = the student's whole output
+    # layer): the tokenizer's ids when the teacher's full logits are used, or when the two output
+    # layers are padded apart and the rollouts sample only the tokenizer's ids (cluster.actors).
+    loss_width: Optional[int] = None
 
 
 def deepspeed_config(learner: LearnerSettings, world_size: int) -> dict:
@@ -131,10 +135,7 @@ class LearnerWorker:
             self.teacher.requires_grad_(False)
         if learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        # With full teacher logits both distributions are compared over the tokenizer's ids only:
-        # the two output layers may be padded to different widths, and a padding row is no target.
-        self.loss_width = (spec.vocab_limit or model.config.vocab_size) if self.teacher is not None \
-            else model.config.vocab_size
+        self.loss_width = spec.loss_width or model.config.vocab_size
         self.objective = make_objective(loss, hidden_size=model.config.hidden_size,
                                         vocab_size=self.loss_width, device=self.device,
                                         steps=learner.steps, temperature=loss.sampling_temperature)
@@ -181,7 +182,7 @@ class LearnerWorker:
                 full = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                     position_ids=batch.position_ids).logits[..., :self.loss_width]
             batch = dataclasses.replace(batch, teacher=batch.response_logits(full).float())
-            out.logits = out.logits[..., :self.loss_width]  # a view: the gradient flows through it
+        out.logits = out.logits[..., :self.loss_width]  # a view (the whole layer, mostly): gradients flow
         loss, metrics = self.objective.loss(out, batch)
         # Every rank must take the same branch: skip the step everywhere if any rank saw NaN/inf.
         if not all_ranks_finite(loss):

@@ -31,6 +31,11 @@ def _topk_arrays(entries: list[dict], k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, lps
 
 
+def _top_modules(worker: Any) -> list[str]:
+    """Run inside vLLM's worker: the names of its model's top-level modules."""
+    return [name for name, _ in worker.model_runner.get_model().named_children()]
+
+
 @register_engine("vllm")
 class VLLMEngine:
     """One vLLM ``LLM`` over a Hugging Face model directory, addressed with token ids."""
@@ -62,6 +67,10 @@ class VLLMEngine:
             logprobs_mode=o.logprobs_mode,
             **memory,
         )
+        # The modules at the top of vLLM's model: a tied head is pushed by name (Llama keeps an
+        # lm_head that a pushed embedding does not re-tie), but Gemma's vLLM model has no
+        # lm_head at all and refuses the name; what the model lacks is left out of a push.
+        self.top_modules = frozenset(self.llm.collective_rpc(_top_modules)[0])
 
     def _params(self, **kw: Any):
         from vllm import SamplingParams
@@ -102,7 +111,8 @@ class VLLMEngine:
         return result
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+        named = [(n, t) for n, t in named_tensors if n.split(".", 1)[0] in self.top_modules]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
         # Without this, prompts longer than a KV block would reuse keys/values of the old weights.
         self.llm.reset_prefix_cache()
         self.version = version

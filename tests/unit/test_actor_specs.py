@@ -61,3 +61,8 @@ def test_a_pair_padded_apart_samples_only_the_tokenizers_ids_and_the_learner_kno
     assert rollout_spec(cfg, "student", "/s", same, 0).token_limit is None
     assert {rollout_spec(cfg, role, "/m", apart, 0).token_limit for role in ("student", "teacher")} == {48}
     assert learner_spec(cfg, "/s", same, "/t").vocab_limit == learner_spec(cfg, "/s", apart, "/t").vocab_limit == 48
+    # the learner compares over the ids the rollouts may sample (all rows when widths agree)
+    assert learner_spec(cfg, "/s", same, "/t").loss_width is None
+    assert learner_spec(cfg, "/s", apart, "/t").loss_width == 48
+    full = build_config({"loss": {"teacher_signal": "full"}})
+    assert learner_spec(full, "/s", same, "/t").loss_width == 48
