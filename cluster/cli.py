@@ -31,11 +31,12 @@ from cluster.checkpoint import CheckpointError
 from cluster.config import ConfigError, load_config
 from cluster.data import DataError
 from cluster.errors import first_line, one_line
+from cluster.init_student import InitStudentError
 from cluster.models import ModelError
 from cluster.status_view import StatusUnavailable
 from cluster.supervisor import ActorLostError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, StatusUnavailable)
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, StatusUnavailable, InitStudentError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--watch", type=float, default=None, metavar="SECONDS",
                    help="redraw every SECONDS until the job finishes or fails (Ctrl-C stops)")
     w.add_argument("--json", action="store_true", help="print /status as JSON instead")
+    i = sub.add_parser("init-student", help="make a student from the teacher: keep N of its layers")
+    i.add_argument("teacher", help="the teacher's Hugging Face model directory")
+    i.add_argument("--layers", type=int, required=True, help="decoder layers to keep, evenly spaced")
+    i.add_argument("--out", required=True, help="the new model directory to write (must not exist)")
     t = sub.add_parser("toy", help="build the tiny toy teacher, student and data (cached)")
     t.add_argument("--root", default="artifacts/toy")
     t.add_argument("--task", default="sort")
@@ -140,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             _check(args.config, args.overrides, args.config_only, args.resume)
         elif args.command == "status":
             _status(args.url, args.watch, args.json)
+        elif args.command == "init-student":
+            from cluster.init_student import describe, init_student
+            print(describe(init_student(args.teacher, args.layers, args.out)))
         elif args.command == "export":
             from cluster.export import export_checkpoint
             print(export_checkpoint(args.path, args.out, args.dtype))
