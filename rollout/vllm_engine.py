@@ -8,6 +8,7 @@ vLLM returns the sampled token beside the top-k with its true rank, so we keep r
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Iterable
 
@@ -31,6 +32,15 @@ def _topk_arrays(entries: list[dict], k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, lps
 
 
+class _NoTemplateWarmup(logging.Filter):
+    """vLLM 0.32's ``LLM`` warms up the model dir's chat template even with
+    ``skip_tokenizer_init=True`` and logs the failure with a traceback: on every chat model, a
+    traceback on the user's console for nothing (the engines never render: the driver does)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Chat template warmup failed" not in record.getMessage()
+
+
 def _top_modules(worker: Any) -> list[str]:
     """Run inside vLLM's worker: the names of its model's top-level modules."""
     return [name for name, _ in worker.model_runner.get_model().named_children()]
@@ -43,6 +53,7 @@ class VLLMEngine:
     def __init__(self, model_dir: str, options: EngineOptions = EngineOptions()):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM  # deferred: importing vLLM takes seconds
+        logging.getLogger("vllm.renderers.base").addFilter(_NoTemplateWarmup())
 
         o = options
         self.model_dir = model_dir
