@@ -24,14 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-3
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def chat_job(world, out: Path, name: str, *more: str):
     return load_config(ROOT / "configs" / "local-cpu.yaml", [
         f"name={name}", f"output_dir={out}", f"models.teacher={world.teacher_dir}",
