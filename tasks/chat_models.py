@@ -76,8 +76,8 @@ def _config(arch: str, shape: dict, width: int, tok: Any, max_positions: int):
     if arch == "qwen3":
         return Qwen3Config(**common, tie_word_embeddings=False)
     # A soft-cap low enough to bind: logits beyond +-10 are squashed, so an engine that leaves
-    # it out scores visibly different log-probs. Attention soft-capping is left out (None):
-    # vLLM's CPU attention has no soft-cap.
+    # it out scores visibly different log-probs. Attention soft-capping is left out (None): whether
+    # vLLM-CPU's attention applies it was not tried here (Gemma 3 has none either).
     return Gemma2Config(**common, tie_word_embeddings=True, final_logit_softcapping=10.0,
                         attn_logit_softcapping=None, query_pre_attn_scalar=shape["hidden"] // shape["heads"],
                         sliding_window=max_positions)
