@@ -48,8 +48,10 @@ browser:
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# The chunked losses against the naive ones; the learner with LoRA against full fine-tuning.
 bench-memory: setup
 	$(PY) -m bench.loss_memory --out bench/results/loss_memory.json
+	$(PY) -m bench.lora_memory --out bench/results/lora_memory.json
 
 # The default methods (ammd's and TRL's, bench/quality.py DEFAULT_METHODS) x 3 toy tasks x 3 seeds,
 # each method's lr searched on seed 0, plus AMM's ablations on seed 0 (DEFAULT_ABLATIONS; ~85 min

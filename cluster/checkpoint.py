@@ -38,12 +38,14 @@ CHECKSUMS = "checksums.json"
 _BUFFER_SEGMENT = re.compile(r"buffer/segment-\d+\.arrow")
 
 # Config fields a resume must share with the checkpoint: they decide what the saved state
-# means (model shapes, optimiser sharding, the loss, the batch, the schedule's length).
+# means (model shapes, optimiser sharding, the loss, the batch, the schedule's length, and the
+# LoRA adapters the DeepSpeed state holds under PEFT's names: learner.lora).
 MUST_MATCH = ("seed", "models.teacher", "models.student", "data.train", "data.max_prompt_tokens",
               "data.max_response_tokens", "rollout.topk", "rollout.off_policy", "buffer.on_policy_fraction",
               "learner.actors", "learner.zero_stage", "learner.precision", "learner.micro_batch",
               "learner.steps", "learner.lr", "learner.lr_schedule", "learner.warmup_steps",
-              "learner.warmup_ratio", "learner.min_lr", "loss.name", "loss.teacher_signal", "loss.params")
+              "learner.warmup_ratio", "learner.min_lr", "learner.lora", "loss.name", "loss.teacher_signal",
+              "loss.params")
 
 
 class CheckpointError(ValueError):

@@ -143,6 +143,26 @@ class BufferConfig(_Strict):
                                                      "(1 = every row distinct, as in TRL)")
 
 
+class LoraConfig(_Strict):
+    """LoRA adapters on the student (learner.lora, PEFT): W' = W + (alpha / r) B @ A per targeted
+    linear layer; only A and B train, and pushes and exports carry the merged W'."""
+
+    r: int = Field(8, ge=1, description="the adapters' rank")
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input while training")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="all-linear = every linear layer but the output head; or module "
+                                  "names, e.g. [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _named_modules(cls, targets: str | list[str]) -> str | list[str]:
+        if isinstance(targets, list) and (not targets or not all(t.strip() for t in targets)):
+            raise ValueError(f"learner.lora.target_modules={targets!r} must name at least one module, "
+                             f"none of them empty (e.g. [q_proj, v_proj]), or be all-linear")
+        return targets
+
+
 class LearnerConfig(_Strict):
     actors: int = Field(2, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -173,6 +193,9 @@ class LearnerConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement strategy of the learner ranks' bundles: PACK = as few nodes "
                             "as fit (the collective stays local), STRICT_SPREAD = one rank per node")
+    lora: Optional[LoraConfig] = Field(
+        None, description="LoRA adapters instead of full fine-tuning (learner/lora.py); None = every "
+                          "weight trains")
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> "LearnerConfig":

@@ -5,13 +5,15 @@ of it is read. The weights come from the checkpoint's DeepSpeed state itself (ev
 merged by DeepSpeed's own ``zero_to_fp32`` reader), not from the export saved beside it, so
 the command also converts a checkpoint whose ``student/`` was deleted or damaged. Config and
 tokenizer files come from the checkpoint's ``student/`` when present, else from the student
-model the job was started with.
+model the job was started with. A LoRA job's checkpoint (``learner.lora``) holds the base
+weights and the adapters under PEFT's names: the export is the merged plain model
+(``learner.lora.merged_named_tensors``) plus the adapter in ``adapter/``, as the job writes them.
 """
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from cluster import checkpoint
 from cluster.checkpoint import CheckpointError
@@ -48,8 +50,10 @@ def _check_out(out: Path) -> None:
 
 
 def _state_dict(ckpt: Path, zero_stage: int) -> dict:
-    import torch
-
+    """The trained module's state: the whole module under ZeRO 0; under ZeRO 1/2 the module
+    with DeepSpeed's fp32 master copies of the trained parameters over it (its reader leaves
+    out frozen ones there: a LoRA student's base weights); under ZeRO 3 the merged shards,
+    frozen parameters included."""
     from learner.learner_actor import CHECKPOINT_TAG
 
     root = ckpt / "deepspeed"
@@ -57,16 +61,35 @@ def _state_dict(ckpt: Path, zero_stage: int) -> dict:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: it has no DeepSpeed state under "
                               f"{root / CHECKPOINT_TAG}; export another checkpoint of the run "
                               f"(runs/<name>/checkpoints/step-...)")
-    if zero_stage == 0:
-        path = root / CHECKPOINT_TAG / "mp_rank_00_model_states.pt"
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)["module"]
-        except pickle.UnpicklingError as err:  # weights_only refused an object: never run it
-            raise CheckpointError(f"checkpoint {ckpt}: {path} holds not only tensors and plain values "
-                                  f"({first_line(err, 120)}); it is not loaded (a checkpoint is code to "
-                                  f"whoever can write it)") from None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=CHECKPOINT_TAG)
+    if zero_stage == 3:
+        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=CHECKPOINT_TAG)
+    module = _module_states(ckpt, root / CHECKPOINT_TAG / "mp_rank_00_model_states.pt")
+    if zero_stage == 0:
+        return module
+    return {**module, **get_fp32_state_dict_from_zero_checkpoint(str(root), tag=CHECKPOINT_TAG)}
+
+
+def _module_states(ckpt: Path, path: Path) -> dict:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["module"]
+    except pickle.UnpicklingError as err:  # weights_only refused an object: never run it
+        raise CheckpointError(f"checkpoint {ckpt}: {path} holds not only tensors and plain values "
+                              f"({first_line(err, 120)}); it is not loaded (a checkpoint is code to "
+                              f"whoever can write it)") from None
+
+
+def _adapter_writer(state: dict, lora, source: Path, base: str) -> Optional[Callable[[Path], None]]:
+    """What writes a LoRA checkpoint's adapter (None for a plain student): its A and B through a
+    meta-device copy of the wrapped student, as PEFT's save_pretrained needs one."""
+    from learner.lora import adapter_skeleton, is_adapter, save_adapter
+
+    adapter = {n: t for n, t in state.items() if is_adapter(n)}
+    if not adapter:
+        return None
+    return lambda out: save_adapter(adapter_skeleton(source, lora), adapter, out, base)
 
 
 def export_checkpoint(path: str | Path, out: str | Path, dtype: Optional[str] = None) -> Path:
@@ -75,6 +98,7 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: Optional[str] = 
 
     import torch
 
+    from learner.lora import LoraSettings, is_adapter, merged_named_tensors
     from learner.student_dir import write_student_dir
 
     ckpt = resolve_checkpoint(path)
@@ -88,7 +112,13 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: Optional[str] = 
         raise CheckpointError(f"no model config for the student: neither {ckpt / 'student'} nor {source} "
                               f"has a config.json")
     state = _state_dict(ckpt, config["learner"]["zero_stage"])
+    lora = LoraSettings.of(config["learner"].get("lora"))  # absent in checkpoints before LoRA: None
+    if lora is None and any(is_adapter(n) for n in state):
+        raise CheckpointError(f"checkpoint {ckpt} holds LoRA adapters but its config has no learner.lora "
+                              f"(their alpha / r is unknown); export another checkpoint of the run")
+    named = dict(merged_named_tensors(state, lora.scale if lora else 0.0))
     if json.loads((source / "config.json").read_text()).get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)  # tied: the input embedding is the head, as on load
+        named.pop("lm_head.weight", None)  # tied: the input embedding is the head, as on load
     target = getattr(torch, dtype or config["rollout"]["dtype"])
-    return write_student_dir(out, iter([[(n, t.to(target)) for n, t in state.items()]]), source, target)
+    writer = _adapter_writer(state, lora, source, config["models"]["student"])
+    return write_student_dir(out, iter([[(n, t.to(target)) for n, t in named.items()]]), source, target, writer)

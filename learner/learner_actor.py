@@ -16,6 +16,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import ray
 
+from learner.lora import LoraSettings
 from services.actor_names import actor_name
 from services.liveness import ping_answer
 
@@ -52,11 +53,13 @@ class LearnerSettings:
     min_lr: float
     weight_decay: float
     threads: int                 # torch threads on CPU
+    lora: Optional[LoraSettings] = None  # None: full fine-tuning; else the adapters trained (learner.lora)
 
     @classmethod
     def of(cls, section: Any) -> "LearnerSettings":
         """The settings read from a config section: any object with these attributes."""
-        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
+        values = {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**values, "lora": LoraSettings.of(values["lora"])})  # a frozen copy, not the pydantic model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +119,7 @@ class LearnerWorker:
         from transformers import AutoModelForCausalLM
 
         from learner.collectives import collective_backend
+        from learner.lora import trainable_parameters, wrap_student
         from learner.objective import make_objective
         from learner.schedule import make_lr_scheduler, warmup_steps
 
@@ -135,11 +139,15 @@ class LearnerWorker:
             self.teacher.requires_grad_(False)
         if learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        # LoRA: PEFT's adapters go in before DeepSpeed sees the model, so that every ZeRO stage
+        # partitions (and checkpoints) the wrapped module; only the adapters are optimised.
+        model = wrap_student(model, learner.lora)
+        self.lora_scale = learner.lora.scale if learner.lora else 0.0  # unused without adapters
         self.loss_width = spec.loss_width or model.config.vocab_size
         self.objective = make_objective(loss, hidden_size=model.config.hidden_size,
                                         vocab_size=self.loss_width, device=self.device,
                                         steps=learner.steps, temperature=loss.sampling_temperature)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, weight_decay=learner.weight_decay)
+        optimizer = torch.optim.AdamW(trainable_parameters(model), lr=learner.lr, weight_decay=learner.weight_decay)
         # DeepSpeed steps the scheduler inside engine.step() and keeps it in its checkpoints.
         warmup = warmup_steps(learner.steps, learner.warmup_steps, learner.warmup_ratio)
         scheduler = make_lr_scheduler(optimizer, learner.lr_schedule, learner.steps, warmup, learner.min_lr)
@@ -204,7 +212,7 @@ class LearnerWorker:
         from learner.student_dir import gathered_buckets
         import torch
         return gathered_buckets(self.engine.module, self.zero_stage, bucket_mib * 2**20,
-                                getattr(torch, dtype), is_rank0=self.rank == 0)
+                                getattr(torch, dtype), is_rank0=self.rank == 0, scale=self.lora_scale)
 
     def export_weights(self, transport: str, bucket_mib: int, dtype: str) -> Optional[Any]:
         """Full weights in HF names as ``transport`` sends them (``learner.weight_sync``): every
@@ -253,16 +261,21 @@ class LearnerWorker:
             group.close()
 
     def export_student(self, out_dir: str, source_dir: str, dtype: str, bucket_mib: int) -> Optional[str]:
-        """Write the student as a HF model directory (rank 0 writes; every rank must call)."""
-        from learner.student_dir import write_student_dir
+        """Write the student as a HF model directory (rank 0 writes; every rank must call): the
+        plain model (a LoRA student merged), and a LoRA student's adapter in ``adapter/``, which
+        applies to the base student ``source_dir``."""
+        from learner.lora import save_adapter
+        from learner.student_dir import gathered_adapter, write_student_dir
         import torch
 
+        adapter = gathered_adapter(self.engine.module, self.zero_stage, is_rank0=self.rank == 0)
         buckets = self._buckets(bucket_mib, dtype)
         if self.rank != 0:
             for _ in buckets:  # take part in every gather
                 pass
             return None
-        return str(write_student_dir(out_dir, buckets, source_dir, getattr(torch, dtype)))
+        writer = (lambda d: save_adapter(self.engine.module, adapter, d, source_dir)) if adapter else None
+        return str(write_student_dir(out_dir, buckets, source_dir, getattr(torch, dtype), writer))
 
     def save(self, path: str, client_state: dict) -> str:
         """A DeepSpeed checkpoint of every rank under ``path``/deepspeed (model, optimiser,

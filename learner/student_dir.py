@@ -1,10 +1,14 @@
 """The student as a Hugging Face model directory, written bucket by bucket.
 
-``gathered_buckets`` walks a (possibly ZeRO-3 partitioned) module's parameters in buckets of
-at most ``bucket_bytes``: under ZeRO-3 every rank gathers one bucket, rank 0 copies it to the
-CPU, and the bucket is released before the next, so the whole model is never materialised on
-every rank at once. The weight push (``LearnerWorker.export_weights``) and the export to disk
-(``write_student_dir``) both read the weights through it.
+``gathered_buckets`` walks a (possibly ZeRO-3 partitioned) module's tensors as vLLM sees them
+(``learner.lora.student_pieces``: the module's own parameters, or a LoRA student's merged
+weights under the base model's names) in buckets of at most ``bucket_bytes``: under ZeRO-3
+every rank gathers one bucket's parameters (a merged weight's A and B with it), rank 0
+computes its tensors and copies them to the CPU, and the bucket is released before the next,
+so the whole model, merged or not, is never materialised on any rank at once. The weight push
+(``LearnerWorker.export_weights``) and the export to disk (``write_student_dir``) both read
+the weights through it. A LoRA student's adapter is written beside them too
+(``gathered_adapter``, ``learner.lora.save_adapter``: the ``adapter/`` subdirectory).
 
 A tied student (input and output embeddings shared, as in Qwen and Llama 3.2) has no
 ``lm_head.weight`` among ``named_parameters``; that is what a tied checkpoint holds too, and
@@ -14,7 +18,8 @@ A weight push into a running vLLM engine is another matter (``tied_head``).
 Layout written (what ``AutoModelForCausalLM.from_pretrained`` and vLLM read as it is):
   config.json (dtype set to the export dtype), generation_config.json when the source has one,
   the source's tokenizer files, model.safetensors, or model-0000i-of-0000n.safetensors shards
-  plus model.safetensors.index.json when the weights span several buckets.
+  plus model.safetensors.index.json when the weights span several buckets; for a LoRA student
+  also adapter/ (PEFT's adapter_config.json and adapter_model.safetensors).
 """
 from __future__ import annotations
 
@@ -22,9 +27,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
+
+from learner.lora import ADAPTER_DIR, hf_name, is_adapter, materialise, student_pieces
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
@@ -36,27 +43,44 @@ def _numel(p: torch.Tensor) -> int:
 
 
 def gathered_buckets(module: torch.nn.Module, zero_stage: int, bucket_bytes: int, dtype: torch.dtype,
-                     is_rank0: bool) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield the parameters as CPU tensors of ``dtype``, one bucket at a time, on rank 0.
+                     is_rank0: bool, scale: float = 0.0) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield the student as vLLM sees it as CPU tensors of ``dtype``, one bucket at a time, on rank 0.
 
-    Every rank must consume the iterator to the end (under ZeRO-3 each bucket is a
-    collective gather); ranks other than 0 get empty lists.
+    ``scale``: LoRA's alpha / r, for the merged weights W + scale * B @ A (unused when the
+    module has no adapters). A bucket holds at most ``bucket_bytes`` of output tensors (one
+    larger tensor is a bucket of its own). Every rank must consume the iterator to the end
+    (under ZeRO-3 each bucket is a collective gather); ranks other than 0 get empty lists.
     """
     import deepspeed
 
-    params = list(module.named_parameters())
+    params = dict(module.named_parameters())
+    pieces = student_pieces(params)
     size = torch.empty(0, dtype=dtype).element_size()
     start = 0
-    while start < len(params):
+    while start < len(pieces):
         end, nbytes = start, 0
-        while end < len(params) and (end == start or nbytes + _numel(params[end][1]) * size <= bucket_bytes):
-            nbytes += _numel(params[end][1]) * size
+        while end < len(pieces) and (end == start or nbytes + _numel(params[pieces[end].sources[0]]) * size
+                                     <= bucket_bytes):
+            nbytes += _numel(params[pieces[end].sources[0]]) * size
             end += 1
-        chunk = params[start:end]
-        with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None,
+        chunk = pieces[start:end]
+        with deepspeed.zero.GatheredParameters([params[s] for p in chunk for s in p.sources], modifier_rank=None,
                                                enabled=zero_stage == 3):
-            yield [(n, p.detach().to(dtype).cpu().clone()) for n, p in chunk] if is_rank0 else []
+            yield [(p.name, materialise(p, params, scale).detach().to(dtype).cpu().clone())
+                   for p in chunk] if is_rank0 else []
         start = end
+
+
+def gathered_adapter(module: torch.nn.Module, zero_stage: int, is_rank0: bool) -> dict[str, torch.Tensor]:
+    """A LoRA student's A and B matrices (under the module's names) as CPU tensors on rank 0;
+    empty for a plain student, and on the other ranks. Every rank must call it (under ZeRO-3
+    the adapters are gathered; they are small, so in one go)."""
+    import deepspeed
+
+    adapters = [(n, p) for n, p in module.named_parameters() if is_adapter(n)]
+    with deepspeed.zero.GatheredParameters([p for _, p in adapters], modifier_rank=None,
+                                           enabled=zero_stage == 3 and bool(adapters)):
+        return {n: p.detach().cpu().clone() for n, p in adapters} if is_rank0 else {}
 
 
 def tied_head(model: torch.nn.Module) -> Optional[tuple[str, str]]:
@@ -70,7 +94,7 @@ def tied_head(model: torch.nn.Module) -> Optional[tuple[str, str]]:
     if out is None or inp is None or out.weight is not inp.weight:
         return None
     names = {id(m): n for n, m in model.named_modules()}
-    return f"{names[id(out)]}.weight", f"{names[id(inp)]}.weight"
+    return hf_name(f"{names[id(out)]}.weight"), hf_name(f"{names[id(inp)]}.weight")  # as pushed
 
 
 def with_tied_head(bucket: list[tuple[str, torch.Tensor]], tied: Optional[tuple[str, str]]
@@ -83,11 +107,13 @@ def with_tied_head(bucket: list[tuple[str, torch.Tensor]], tied: Optional[tuple[
 
 
 def write_student_dir(out_dir: str | Path, buckets: Iterator[list[tuple[str, torch.Tensor]]],
-                      source_dir: str | Path, dtype: torch.dtype) -> Path:
+                      source_dir: str | Path, dtype: torch.dtype,
+                      adapter: Optional[Callable[[Path], None]] = None) -> Path:
     """Write the buckets as a HF model directory beside the source's config and tokenizer.
 
-    Written into ``<out_dir>.tmp`` and renamed, so ``out_dir`` is either the old export or the
-    whole new one, never half of it.
+    ``adapter``: for a LoRA student, writes its adapter into the directory it is given
+    (``<out_dir>/adapter``, ``learner.lora.save_adapter``). Written into ``<out_dir>.tmp`` and
+    renamed, so ``out_dir`` is either the old export or the whole new one, never half of it.
     """
     from safetensors.torch import save_file
 
@@ -105,6 +131,8 @@ def write_student_dir(out_dir: str | Path, buckets: Iterator[list[tuple[str, tor
     for name in TOKENIZER_FILES + ("generation_config.json",):
         if (source / name).is_file():
             shutil.copy2(source / name, tmp / name)
+    if adapter is not None:
+        adapter(tmp / ADAPTER_DIR)
     old = out.with_name(out.name + ".old")
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -93,20 +93,32 @@ def config_fields() -> dict[str, object]:
     """Every leaf field of the job config as ``dotted.key -> default``. The sections (models of
     ``cluster.config`` itself) are walked; a field holding another module's model, as
     ``loss.params`` holds the parameters typed by ``loss.name``, is one key (docs/amm.md has its
-    fields)."""
+    fields). An optional section (``learner.lora``, default null) is a key of its own and its
+    fields are keys too, with the defaults they take when the section is given."""
+    import types
+    import typing
+
     from pydantic import BaseModel
 
     from cluster.config import JobConfig
 
     out: dict[str, object] = {}
 
+    def section(kind: object) -> type[BaseModel] | None:
+        ok = isinstance(kind, type) and issubclass(kind, BaseModel) and kind.__module__ == JobConfig.__module__
+        return kind if ok else None
+
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             kind = field.annotation
-            if isinstance(kind, type) and issubclass(kind, BaseModel) and kind.__module__ == JobConfig.__module__:
+            optional = [a for a in typing.get_args(kind) if a is not type(None)] \
+                if typing.get_origin(kind) in (typing.Union, types.UnionType) else []
+            if section(kind):
                 walk(kind, f"{prefix}{name}.")
-            else:
-                out[prefix + name] = field.get_default(call_default_factory=True)
+                continue
+            out[prefix + name] = field.get_default(call_default_factory=True)
+            if len(optional) == 1 and section(optional[0]):
+                walk(optional[0], f"{prefix}{name}.")
 
     walk(JobConfig, "")
     return out
