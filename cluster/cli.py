@@ -9,6 +9,9 @@
   ammd check CONFIG [a.b=c ...] [--config-only] [--resume]
                                   validate the config, models and data and print the
                                   resources the job needs; start nothing
+  ammd init-student TEACHER --layers N --out DIR
+                                  make a student from a teacher by depth pruning: N evenly
+                                  spaced layers, the teacher's embeddings, head, tokenizer
   ammd toy [--root DIR]           build (or find cached) the tiny teacher, student and data
   ammd status [URL] [--watch S] [--json]
                                   a running job's step, throughput, losses, evaluation and
@@ -72,9 +75,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="redraw every SECONDS until the job finishes or fails (Ctrl-C stops)")
     w.add_argument("--json", action="store_true", help="print /status as JSON instead")
     i = sub.add_parser("init-student", help="make a student from the teacher: keep N of its layers")
-    i.add_argument("teacher", help="the teacher's Hugging Face model directory")
-    i.add_argument("--layers", type=int, required=True, help="decoder layers to keep, evenly spaced")
-    i.add_argument("--out", required=True, help="the new model directory to write (must not exist)")
+    i.add_argument("teacher", metavar="TEACHER", help="the teacher's Hugging Face model directory")
+    i.add_argument("--layers", type=int, required=True, metavar="N",
+                   help="decoder layers to keep, evenly spaced, first and last among them")
+    i.add_argument("--out", required=True, metavar="DIR",
+                   help="the new model directory to write (must not exist, or be empty)")
     t = sub.add_parser("toy", help="build the tiny toy teacher, student and data (cached)")
     t.add_argument("--root", default="artifacts/toy")
     t.add_argument("--task", default="sort")
