@@ -46,10 +46,9 @@ class Rendered:
 
 @dataclass(frozen=True)
 class Conversation:
-    """A row read as turns: ``prompt`` (None for a plain row) or ``text`` (a plain prompt)."""
+    """A row read as turns: the prompt's turns and the answer (None: the row has none)."""
 
-    prompt: Optional[list[dict[str, str]]]
-    text: Optional[str]
+    prompt: list[dict[str, str]]
     response: Optional[str]
 
 
@@ -85,11 +84,11 @@ def read_conversation(row: dict[str, Any], where: str) -> Optional[Conversation]
         if len(turns) == 1:
             raise ChatError(f"{where} is only an assistant turn; a conversation needs a user turn "
                             f"before the answer")
-        return Conversation(turns[:-1], None, turns[-1]["content"])
-    return Conversation(turns, None, None)
+        return Conversation(turns[:-1], turns[-1]["content"])
+    return Conversation(turns, None)
 
 
-def read_template(choice: str, tokenizer: Any, role: str = "student") -> Optional[str]:
+def read_template(choice: str, tokenizer: Any) -> Optional[str]:
     """The Jinja template ``data.chat_template`` names: ``auto`` = the tokenizer's own (None
     when it has none), ``none`` = no template, anything else = the path of a Jinja file."""
     if choice == "none":
@@ -122,7 +121,7 @@ def check_templates(student: Any, teacher: Any, choice: str, system_prompt: Opti
     """
     if choice not in ("auto", "none"):
         return read_template(choice, student)
-    mine, theirs = read_template(choice, student), read_template(choice, teacher, "teacher")
+    mine, theirs = read_template(choice, student), read_template(choice, teacher)
     if mine is None and theirs is None:
         return None
     if mine is None or theirs is None:
@@ -164,7 +163,7 @@ class ChatFormat:
                                 f"Jinja file, or give plain {{\"prompt\": \"...\"}} rows")
             return self._raw(row["prompt"], row.get("response"))
         if conv is None:
-            conv = Conversation([{"role": "user", "content": row["prompt"]}], None, row.get("response"))
+            conv = Conversation([{"role": "user", "content": row["prompt"]}], row.get("response"))
         turns = conv.prompt
         if self.system_prompt and turns[0]["role"] != "system":
             turns = [{"role": "system", "content": self.system_prompt}] + turns

@@ -98,10 +98,9 @@ def _check(config: str, overrides: list[str], config_only: bool = False, resume:
         print(f"models ({cfg.models.teacher}, {cfg.models.student}) and data not opened (--config-only)")
         return
     inputs = check_inputs(cfg, resume)
-    pair = inputs.pair
+    # check_inputs has logged the stop tokens and the prompt format already.
     print(f"ok: {len(inputs.train)} prompts, {len(inputs.evals)} evaluation prompts, vocab "
-          f"{pair.vocab_size}, stop tokens {pair.describe_stops()}, "
-          f"{'chat template' if pair.chat.template else 'raw text'}, loss {cfg.loss.name}"
+          f"{inputs.pair.vocab_size}, loss {cfg.loss.name}"
           + (f", resumes {inputs.resume_from}" if inputs.resume_from else ""))
 
 

@@ -91,10 +91,6 @@ def collate(table: pa.Table, pad_id: int, vocab_limit: Optional[int] = None) -> 
         behavior_logprobs=torch.from_numpy(blp),
         is_on_policy=torch.tensor([SOURCES.index(r.source) == student for r in rows]),
         policy_version=torch.tensor([r.policy_version for r in rows]),
-        teacher=_limited(TopKSignal(torch.from_numpy(t_ids), torch.from_numpy(t_lps), torch.from_numpy(t_tail)),
-                         vocab_limit),
+        teacher=drop_ids_beyond(TopKSignal(torch.from_numpy(t_ids), torch.from_numpy(t_lps),
+                                           torch.from_numpy(t_tail)), vocab_limit),
     )
-
-
-def _limited(signal: TopKSignal, vocab_limit: Optional[int]) -> TopKSignal:
-    return signal if vocab_limit is None else drop_ids_beyond(signal, vocab_limit)

@@ -7,7 +7,7 @@ Position ``t`` holds the teacher's distribution over the token at response index
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -40,9 +40,10 @@ def tail_logmass_from_topk(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.log(-torch.expm1(lse))
 
 
-def drop_ids_beyond(signal: TopKSignal, limit: int, pad_logprob: float = -1e4) -> TopKSignal:
+def drop_ids_beyond(signal: TopKSignal, limit: Optional[int], pad_logprob: float = -1e4) -> TopKSignal:
     """The signal with every top-k slot naming an id >= ``limit`` turned into a padded slot
-    (id 0, log-prob ``pad_logprob``: the losses drop it) and its mass moved into the tail.
+    (id 0, log-prob ``pad_logprob``: the losses drop it) and its mass moved into the tail;
+    the signal itself when ``limit`` is None or no slot names such an id.
 
     Ids at or past the tokenizer's size are padding rows of the teacher's output layer, not
     tokens: no loss may target them on their own, and a student with fewer rows has no logit
@@ -50,6 +51,8 @@ def drop_ids_beyond(signal: TopKSignal, limit: int, pad_logprob: float = -1e4) -
     with the student's mass outside the top-k:
     tail' = log(exp(tail) + sum_{dropped} exp(logprob)).
     """
+    if limit is None:
+        return signal
     beyond = signal.ids >= limit
     if not bool(beyond.any()):
         return signal

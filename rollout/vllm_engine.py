@@ -8,6 +8,7 @@ vLLM returns the sampled token beside the top-k with its true rank, so we keep r
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, Iterable
@@ -39,6 +40,13 @@ class _NoTemplateWarmup(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Chat template warmup failed" not in record.getMessage()
+
+
+@functools.lru_cache(maxsize=4)
+def _ids_below(limit: int) -> list[int]:
+    """[0, limit) as vLLM's ``allowed_token_ids``: built once per limit, not per batch (a
+    Qwen-sized tokenizer makes it 151k ints)."""
+    return list(range(limit))
 
 
 def _top_modules(worker: Any) -> list[str]:
@@ -93,7 +101,7 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
         # logprobs=k returns the top-k plus the sampled token; 0 returns just the sampled token.
-        limit = {} if sampling.token_limit is None else {"allowed_token_ids": list(range(sampling.token_limit))}
+        limit = {} if sampling.token_limit is None else {"allowed_token_ids": _ids_below(sampling.token_limit)}
         params = self._params(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                               logprobs=sampling.topk, stop_token_ids=list(sampling.stop_token_ids), **limit)
         outs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from tasks import chat_tokenizer
+from tasks import chat_tokenizer, toy_models
 from tasks.build import build_atomically
 
 FAMILY = {"llama": "llama3", "llama_tied": "llama3", "qwen2": "qwen", "qwen3": "qwen", "gemma2": "gemma"}
@@ -114,22 +113,10 @@ def _encode(tok: Any, convs: list[list[dict[str, str]]]) -> tuple[torch.Tensor, 
 
 
 def train_sft(model: Any, tok: Any, convs: list, steps: int, seed: int) -> float:
-    """AdamW with cosine decay on the assistant tokens; returns the last loss."""
+    """AdamW with cosine decay (no warm-up) on the assistant tokens; returns the last loss."""
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        ids, lab = _encode(tok, rng.sample(convs, BATCH))
-        loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=lab).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.eval()
-    return float(loss.detach())
+    batches = (_encode(tok, rng.sample(convs, BATCH)) for _ in range(steps))
+    return toy_models.fit(model, batches, steps, LR, warmup=1, pad_id=tok.pad_token_id)
 
 
 def _write(path: Path, convs: list) -> None:
@@ -159,7 +146,7 @@ def build_chat_world(root: Path, arch: str, seed: int = 0, student_width: Option
     widths = (384, student_width or 384)
     recipe = {"arch": arch, "seed": seed, "widths": widths, "teacher": TEACHER, "student": STUDENT,
               "steps": [TEACHER_STEPS, STUDENT_STEPS], "splits": SPLITS,
-              "code": [inspect.getsource(m) for m in (chat_tokenizer, inspect.getmodule(ChatWorld))]}
+              "code": [inspect.getsource(m) for m in (chat_tokenizer, toy_models, inspect.getmodule(ChatWorld))]}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     final = Path(root) / f"{arch}-{digest}"
     if not (final / "eval.jsonl").exists():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -66,14 +66,22 @@ def train_sft(model: Any, tokenizer: Any, examples: list[Example], steps: int, b
               lr: float, seed: int) -> float:
     """Cross-entropy on response tokens with AdamW and cosine decay; returns the last loss."""
     rng = random.Random(seed)
+    batches = (_encode(tokenizer, rng.sample(examples, batch)) for _ in range(steps))
+    return fit(model, batches, steps, lr, warmup=50, pad_id=PAD_ID)
+
+
+def fit(model: Any, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float,
+        warmup: int, pad_id: int) -> float:
+    """``steps`` AdamW steps on (ids, labels) batches (-100 = no loss), the rate warmed up
+    linearly over ``warmup`` steps and then cosine-decayed, gradients clipped at 1; returns the
+    last loss. The one training loop of the locally built models (toy and chat)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        ids, lab = _encode(tokenizer, rng.sample(examples, batch))
-        loss = model(input_ids=ids, attention_mask=(ids != PAD_ID).long(), labels=lab).loss
+    for ids, lab in batches:
+        loss = model(input_ids=ids, attention_mask=(ids != pad_id).long(), labels=lab).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
