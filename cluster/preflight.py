@@ -65,6 +65,7 @@ def check_inputs(cfg: JobConfig, resume: bool = False) -> JobInputs:
     if cfg.rollout.topk > pair.vocab_size:
         raise ConfigError(f"rollout.topk={cfg.rollout.topk} is larger than the vocabulary "
                           f"({pair.vocab_size} tokens); lower it to at most {pair.vocab_size}")
+    check_lora(cfg)
     train, evals, references = _data(cfg, pair)
     run_dir = Path(cfg.output_dir).resolve() / cfg.name
     problem = writable_problem(run_dir)
@@ -83,6 +84,24 @@ def check_inputs(cfg: JobConfig, resume: bool = False) -> JobInputs:
     tracking.check(cfg)
     check_status_port(cfg)
     return inputs
+
+
+def check_lora(cfg: JobConfig) -> None:
+    """``learner.lora`` applied to the student's architecture on the meta device (no weights
+    read, no memory): a target the student lacks, an embedding or a tied output head is refused
+    here in one line rather than at the learner's start, after Ray and the engines are up."""
+    if cfg.learner.lora is None:
+        return
+    from learner.lora import LoraSettings, adapter_skeleton
+    try:
+        adapter_skeleton(cfg.models.student, LoraSettings.of(cfg.learner.lora))
+    except ValueError as e:  # PEFT's "Target modules {...} not found" and wrap_student's refusals
+        message = " ".join(str(e).split())[:400]
+        if message.startswith("learner.lora"):  # wrap_student's own line already names the fix
+            raise ConfigError(message) from None
+        raise ConfigError(f"learner.lora.target_modules={cfg.learner.lora.target_modules!r}: {message} "
+                          f"Name modules the student {cfg.models.student} has (e.g. q_proj, v_proj) "
+                          f"or use all-linear") from None
 
 
 def _data(cfg: JobConfig, pair: ModelPair) -> tuple[list[Prompt], list[Prompt], Optional[list]]:

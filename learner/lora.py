@@ -93,9 +93,9 @@ def wrap_student(model: torch.nn.Module, lora: Optional[LoraSettings]) -> torch.
         if not hasattr(module, "lora_A") or not hasattr(module, "base_layer"):
             continue
         if type(module.base_layer) is not torch.nn.Linear or getattr(module, "fan_in_fan_out", False):
-            raise ValueError(f"learner.lora.target_modules: {hf_name(name)} is a "
-                             f"{type(module.base_layer).__name__}; only linear layers can be merged "
-                             f"for the weight push, so leave it out")
+            kind = type(module.base_layer).__name__
+            raise ValueError(f"learner.lora.target_modules: {hf_name(name)} is a {kind}; "
+                             "only linear layers can be merged for the weight push, so leave it out")
         if tied and module.base_layer is head:
             raise ValueError(f"learner.lora.target_modules: {hf_name(name)} is the output head, tied to "
                              f"the input embedding; an adapter on it would untie them, so leave it out")

@@ -72,3 +72,16 @@ def test_a_pair_padded_to_different_widths_is_accepted(capsys, chat_world, tmp_p
                       f"data.eval={narrow.eval_path}", "data.max_prompt_tokens=48")
     assert rc == 0, err
     assert json.loads((narrow.teacher_dir / "config.json").read_text())["vocab_size"] == 384
+
+
+def test_a_lora_target_the_student_lacks(capsys, chat_world):
+    rc, err = run_cli(capsys, *chat(chat_world, chat_world.train_path), "learner.lora={target_modules: [qkv]}")
+    assert_one_error(rc, err, "learner.lora.target_modules=['qkv']: Target modules {'qkv'} not found",
+                     "Name modules the student")
+
+
+def test_a_lora_target_that_is_not_a_linear_layer(capsys, chat_world):
+    rc, err = run_cli(capsys, *chat(chat_world, chat_world.train_path),
+                      "learner.lora={target_modules: [embed_tokens]}")
+    assert_one_error(rc, err, "learner.lora.target_modules: model.embed_tokens is a Embedding",
+                     "only linear layers can be merged")
