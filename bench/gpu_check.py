@@ -48,7 +48,7 @@ PRESETS = {"small": (32000, (512, 8, 8), (256, 4, 4)),          # ~45M teacher, 
            "vocab128k": (131072, (2048, 2, 16), (2048, 1, 16))}  # AMM's heads at a real vocabulary
 LOSSES = {"small": [{"name": "forward_kl"},
                     {"name": "amm", "params": {"adversary_class": "chi2", "pg_coef": 0}},
-                    {"name": "amm", "params": {"adversary_class": "bounded", "pg_coef": 0.2}}],  # the paper's
+                    {"name": "amm", "params": {"adversary_class": "bounded", "pg_coef": 0.2}}],  # the paper's class, ammd's settings
           "vocab128k": [{"name": "forward_kl"},
                         {"name": "amm", "params": {"adversary_class": "chi2", "pg_coef": 0}},
                         {"name": "amm", "params": {"adversary_class": "chi2", "pg_coef": 0,

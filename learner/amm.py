@@ -309,15 +309,22 @@ def student_loss(student_logits: torch.Tensor, teacher: TeacherSignal, q_values:
 @torch.no_grad()
 def true_distances(game: GameInputs, settings: AMMSettings) -> dict[str, float]:
     """D_on and D_off at the class's best response: what a perfect adversary would measure
-    (bounded: sum |p - q|; chi2: chi^2(p || q) / (4 lam)), to set beside the learned ones."""
+    (bounded: sum |p - q|, twice the TV distance; chi2: chi^2(p || q) / (4 lam)), to set beside
+    the learned ones; and ``log_ratio_clamped``, the fraction of this rank's response positions
+    where the class clamps log p - log q for some token (chi2 above 10, bounded beyond 20), so
+    that the values there are not the class's exact ones."""
     logits, s = game.student_logits, settings
     value = torch.zeros(game.mask.shape, dtype=compute_dtype(logits), device=logits.device)
+    clamped = 0
     for index in position_chunks(game.mask, s.chunk_size):
-        f = oracle_values(s.cls, logits, game.teacher, index)
-        value[index] = _value_rows(logits[index].detach().to(value.dtype), _select(game.teacher, index), f,
+        teacher = _select(game.teacher, index)
+        ratio = log_ratio(logits[index].detach(), teacher)
+        clamped += int(s.cls.clamp_binds(ratio).any(-1).sum())
+        value[index] = _value_rows(logits[index].detach().to(value.dtype), teacher, s.cls.best_response(ratio),
                                    s.tail, s.cls, True)
     w_on, w_off, _ = row_weights(game.mask, game.is_on_policy, 0.5, game.totals)
-    return {"d_on_true": float((w_on * value).sum()), "d_off_true": float((w_off * value).sum())}
+    return {"d_on_true": float((w_on * value).sum()), "d_off_true": float((w_off * value).sum()),
+            "log_ratio_clamped": clamped / max(int(game.mask.sum()), 1)}
 
 
 # ---------------------------------------------------------------------------- adversaries

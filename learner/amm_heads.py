@@ -70,6 +70,11 @@ class AdversaryClass(ABC):
     def penalty(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """[n] the penalty the adversary pays for f under the student's q."""
 
+    @abstractmethod
+    def clamp_binds(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        """[..., V] bool: where ``feature`` and ``best_response`` clamp the log-ratio, so that
+        the values they give are not the class's exact ones there."""
+
     def penalised(self, gap: torch.Tensor, student_logits: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """[n] v(f) = gap - penalty(q, f), q = softmax(student_logits), in the gap's dtype."""
         return gap - self.penalty(torch.softmax(student_logits.to(gap.dtype), -1), f.to(gap.dtype))
@@ -95,6 +100,9 @@ class BoundedClass(AdversaryClass):
 
     def best_response(self, log_ratio: torch.Tensor) -> torch.Tensor:
         return torch.sign(log_ratio)
+
+    def clamp_binds(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        return log_ratio.abs() > 20
 
     def penalty(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         return torch.zeros(q.shape[:-1], dtype=q.dtype, device=q.device)
@@ -129,6 +137,9 @@ class Chi2Class(AdversaryClass):
 
     def best_response(self, log_ratio: torch.Tensor) -> torch.Tensor:
         return torch.expm1(log_ratio.clamp(max=10)) / (2 * self.lam)
+
+    def clamp_binds(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        return log_ratio > 10
 
     def penalty(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """lam * sum_a q(a) f(a)^2."""

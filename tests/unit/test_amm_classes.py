@@ -87,6 +87,22 @@ def test_oracle_bounded_values_and_true_distances():
     assert chi["d_on_true"] == pytest.approx(float(want[0]))
 
 
+@pytest.mark.parametrize("cls, bound", [(Chi2Class(1.0), 10.0), (BoundedClass(), 20.0)])
+def test_log_ratio_clamped_counts_the_positions_where_the_clamp_binds(cls, bound):
+    """Three of eight positions get one token with log p - log q about 2 past the class's clamp (and
+    one more about 2 short of it): log_ratio_clamped is 3/8, where a count per token or per row,
+    or a bound off by the margin, would say otherwise."""
+    s, t = rand(2, 4, V, seed=11, scale=0.3), rand(2, 4, V, seed=12, scale=0.3)
+    for (row, col), past in {(0, 1): True, (1, 0): True, (1, 3): True, (0, 2): False}.items():
+        s[row, col, 2] -= bound + (2.0 if past else -2.0)  # the ratio there moves by about bound +- 2
+    ratio = log_ratio(s, t)
+    assert int((ratio > bound).any(-1).sum()) == 3  # the fixture does what it says
+    mask, on = torch.ones(2, 4, dtype=torch.bool), torch.tensor([True, False])
+    got = true_distances(GameInputs(s, t, mask, on), AMMSettings(0.5, "student_mean", cls=cls))
+    assert got["log_ratio_clamped"] == pytest.approx(3 / 8)
+    assert true_distances(GameInputs(s, t, mask, on), AMMSettings(0.5, "student_mean", cls=cls)) == got
+
+
 def test_a_padded_topk_slot_never_overwrites_the_last_token():
     v = 5
     s = rand(1, v, seed=7)
