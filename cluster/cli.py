@@ -36,6 +36,7 @@ from cluster.data import DataError
 from cluster.errors import first_line, one_line
 from cluster.init_student import InitStudentError
 from cluster.models import ModelError
+from cluster.report import ending
 from cluster.status_view import StatusUnavailable
 from cluster.supervisor import ActorLostError
 
@@ -140,11 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from cluster.driver import run_job
             hint = shlex.join(["ammd", "run", args.config, *args.overrides, "--resume"])
-            report = run_job(load_config(args.config, args.overrides), resume=args.resume, resume_hint=hint)
-            keys = ("metric", "teacher_score", "student_score_before", "student_score_after",
-                    "final_weight_version", "student_dir", "rows_by_source", "rollout_usage", "restarts",
-                    "wall_seconds")
-            print(json.dumps({k: report[k] for k in keys}, indent=2))
+            cfg = load_config(args.config, args.overrides)
+            report = run_job(cfg, resume=args.resume, resume_hint=hint)
+            print(ending(report, Path(cfg.output_dir).resolve() / cfg.name))
         elif args.command == "check":
             _check(args.config, args.overrides, args.config_only, args.resume)
         elif args.command == "status":

@@ -42,6 +42,29 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
     return path
 
 
+def ending(report: dict[str, Any], run_dir: Path) -> str:
+    """The lines ``ammd run`` ends with, for a person: the scores (before -> after, and the
+    teacher's), steps, throughput, wall time, restarts, and where the student, the report and
+    the TensorBoard logs are. report.json keeps everything; this is what to read first."""
+    def score(key: str) -> str:
+        value = report.get(key)
+        return "n/a" if value is None else "nan" if math.isnan(value) else f"{value:.3f}"
+
+    restarts = ", ".join(f"{name} x{n}" for name, n in sorted((report.get("restarts") or {}).items())) or "none"
+    tokens = f"{report.get('rollout_tokens_per_s') or 0:,.0f} rollout, {report.get('learner_tokens_per_s') or 0:,.0f} learner"
+    rows = [("student", f"{report.get('metric')} {score('student_score_before')} -> {score('student_score_after')} "
+                        f"(teacher {score('teacher_score')})"),
+            ("steps", f"{report.get('steps')} in {report.get('wall_seconds') or 0:.0f} s"),
+            ("tokens/s", tokens), ("restarts", restarts),
+            ("lost rows", str(report.get("lost_rows") or 0)),
+            ("saved to", str(report.get("student_dir"))),
+            ("report", f"{run_dir / 'report.md'} (all of it in report.json)")]
+    if (run_dir / "tb").is_dir():
+        rows.append(("curves", f"tensorboard --logdir {run_dir / 'tb'}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([f"ammd run {report.get('name')}: done"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
 def placement_summary(placement: dict[str, dict[str, str]]) -> str:
     """``{actor: {"node_id", "node_ip"}}`` as one "; "-separated part per node, actors in the
     order listed: "learner-0, buffer on 10.0.0.2 (node 1a2b3c4d); ..."."""

@@ -107,6 +107,10 @@ def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness, loss
         assert key in report
     assert report["teacher_score"] > report["student_score_before"]
     assert "step 12/12" in text  # progress was shown
+    # It ends with the short table (cluster.report.ending), not the report's JSON.
+    after = f"{report['student_score_before']:.3f} -> {report['student_score_after']:.3f}"
+    assert f"ammd run job-s{staleness}: done" in text and after in text, text[-2000:]
+    assert '"final_weight_version"' not in text
     # Every on-policy row the learner used was at most `staleness` versions old.
     assert report["max_on_policy_lag"] <= staleness
     assert [e["step"] for e in report["evals"]] == [6, 12]
