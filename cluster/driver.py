@@ -258,6 +258,8 @@ def _report(job: Job, after: dict, student_dir: Path, started: float) -> dict:
         "rollout_usage": job.pump.usage(buffer_stats["served_by_source"]),
         "restarts": whole_job["restarts"],  # rollout actor restarts, in every process of the job
         "wall_seconds": time.time() - started,
+        # From run_job's start (checks, Ray, actors, first push, scores before) to the first step.
+        "seconds_to_first_step": state.first_step_at - started if state.first_step_at is not None else None,
         "rollout_tokens_per_s": job.pump.tokens_per_s(),
         "learner_tokens_per_s": state.learner_tokens_per_s(),
         "history": state.history, "examples_after": after["examples"],

@@ -9,6 +9,7 @@ by name, so a new reader is a new observer, not a new line in the loop.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -25,9 +26,14 @@ class JobState:
     evals: list[dict] = field(default_factory=list)  # {"step", "weight_version", "score"}
     scores: dict[str, float] = field(default_factory=dict)  # teacher and student-before scores
     last_checkpoint: Optional[Path] = None
+    # When this process finished its first learner step (time.time()). Not saved: a resumed job
+    # has a start-up of its own, and the report's seconds_to_first_step is this process's.
+    first_step_at: Optional[float] = None
 
     def record_step(self, metrics: dict[str, float], tokens: int) -> None:
         """One more learner step with these (rank-averaged) metrics and trained tokens."""
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
         self.step += 1
         self.tokens += tokens
         self.history.append({"step": self.step, **metrics})

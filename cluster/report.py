@@ -54,7 +54,9 @@ def ending(report: dict[str, Any], run_dir: Path) -> str:
     tokens = f"{report.get('rollout_tokens_per_s') or 0:,.0f} rollout, {report.get('learner_tokens_per_s') or 0:,.0f} learner"
     rows = [("student", f"{report.get('metric')} {score('student_score_before')} -> {score('student_score_after')} "
                         f"(teacher {score('teacher_score')})"),
-            ("steps", f"{report.get('steps')} in {report.get('wall_seconds') or 0:.0f} s"),
+            ("steps", f"{report.get('steps')} in {report.get('wall_seconds') or 0:.0f} s"
+                      + (f", the first {first:.0f} s after start" if (first := report.get("seconds_to_first_step"))
+                         is not None else "")),
             ("tokens/s", tokens), ("restarts", restarts),
             ("lost rows", str(report.get("lost_rows") or 0)),
             ("saved to", str(report.get("student_dir"))),

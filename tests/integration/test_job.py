@@ -106,6 +106,7 @@ def test_short_job_trains_syncs_and_reports(toy_world, tmp_path, staleness, loss
     for key in ("metric", "teacher_score", "student_score_before", "student_score_after", "wall_seconds"):
         assert key in report
     assert report["teacher_score"] > report["student_score_before"]
+    assert 0 < report["seconds_to_first_step"] < report["wall_seconds"]
     assert "step 12/12" in text  # progress was shown
     # It ends with the short table (cluster.report.ending), not the report's JSON.
     after = f"{report['student_score_before']:.3f} -> {report['student_score_after']:.3f}"
