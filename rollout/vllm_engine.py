@@ -9,13 +9,13 @@ vLLM returns the sampled token beside the top-k with its true rank, so we keep r
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 
+from rollout import benign_logs
 from rollout.engine import EngineOptions, Generation, SamplingConfig, Scores, register_engine
 
 
@@ -31,15 +31,6 @@ def _topk_arrays(entries: list[dict], k: int) -> tuple[np.ndarray, np.ndarray]:
         ids[pos] = [tok for _, tok, _ in ranked]
         lps[pos] = [lp for _, _, lp in ranked]
     return ids, lps
-
-
-class _NoTemplateWarmup(logging.Filter):
-    """vLLM 0.32's ``LLM`` warms up the model dir's chat template even with
-    ``skip_tokenizer_init=True`` and logs the failure with a traceback: on every chat model, a
-    traceback on the user's console for nothing (the engines never render: the driver does)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Chat template warmup failed" not in record.getMessage()
 
 
 @functools.lru_cache(maxsize=4)
@@ -61,7 +52,7 @@ class VLLMEngine:
     def __init__(self, model_dir: str, options: EngineOptions = EngineOptions()):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM  # deferred: importing vLLM takes seconds
-        logging.getLogger("vllm.renderers.base").addFilter(_NoTemplateWarmup())
+        benign_logs.install()  # vLLM records known to be harmless (rollout/benign_logs.py)
 
         o = options
         self.model_dir = model_dir
