@@ -25,7 +25,8 @@ import pytest
 
 from learner.learner_actor import free_port
 
-pytestmark = pytest.mark.slow
+# In the extended set (CI runs it), so that make test stays within 20 minutes on 2 cores.
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 ROOT = Path(__file__).resolve().parents[2]
 
 
