@@ -57,6 +57,9 @@ class ModelsConfig(_Strict):
     student: Optional[str] = None
     toy_task: str = "sort"
     toy_root: str = "artifacts/toy"
+    toy_chat: Optional[Literal["llama", "llama_tied", "qwen2", "qwen3", "gemma2"]] = Field(
+        None, description="with both models empty: the locally built chat pair of this architecture "
+                          "(tasks.chat_models, messages data, cached under <toy_root>/../chat) instead of toy_task's")
 
 
 class DataConfig(_Strict):

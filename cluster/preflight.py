@@ -41,6 +41,8 @@ def resolve_inputs(cfg: JobConfig) -> JobConfig:
     """Fill in the toy teacher/student and data when the config leaves them empty."""
     if cfg.models.teacher is not None:
         return cfg
+    if cfg.models.toy_chat is not None:
+        return _chat_world_inputs(cfg)
     from tasks.base import get_task
     from tasks.build import build_toy_world
 
@@ -84,6 +86,20 @@ def check_inputs(cfg: JobConfig, resume: bool = False) -> JobInputs:
     tracking.check(cfg)
     check_status_port(cfg)
     return inputs
+
+
+def _chat_world_inputs(cfg: JobConfig) -> JobConfig:
+    """The locally built chat pair of ``models.toy_chat`` and its ``messages`` data."""
+    from tasks.chat_models import build_chat_world
+
+    root = Path(cfg.models.toy_root).parent / "chat"
+    logs.info(f"building the {cfg.models.toy_chat} chat world under {root} (cached)")
+    world = build_chat_world(root, cfg.models.toy_chat)
+    cfg = cfg.model_copy(deep=True)
+    cfg.models.teacher, cfg.models.student = str(world.teacher_dir), str(world.student_dir)
+    cfg.data.train = cfg.data.train or str(world.train_path)
+    cfg.data.eval = cfg.data.eval or str(world.eval_path)
+    return cfg
 
 
 def check_lora(cfg: JobConfig) -> None:

@@ -85,3 +85,21 @@ def test_a_lora_target_that_is_not_a_linear_layer(capsys, chat_world):
                       "learner.lora={target_modules: [embed_tokens]}")
     assert_one_error(rc, err, "learner.lora.target_modules: model.embed_tokens is a Embedding",
                      "only linear layers can be merged")
+
+
+def test_the_cpu_chat_example_config_is_accepted(capsys):
+    """configs/local-cpu-chat.yaml (models.toy_chat: qwen3) builds or finds the chat pair and
+    renders its messages rows with the chat template."""
+    from cluster.config import load_config
+    from cluster.preflight import check_inputs
+    path = ROOT / "configs" / "local-cpu-chat.yaml"
+    rc, err = run_cli(capsys, "check", str(path))
+    assert rc == 0, err
+    inputs = check_inputs(load_config(path))
+    assert inputs.pair.chat.template is not None and "qwen3-" in inputs.cfg.models.teacher
+    assert inputs.train[0].text.startswith("<|im_start|>user\n") and inputs.evals[0].reference_ids[-1] == 2  # <|im_end|>
+
+
+def test_toy_chat_names_a_built_architecture(capsys):
+    rc, err = run_cli(capsys, "check", CONFIG, "models.toy_chat=mistral")
+    assert_one_error(rc, err, "config field 'models.toy_chat': Input should be 'llama'", "(got 'mistral')")
