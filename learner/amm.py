@@ -315,16 +315,16 @@ def true_distances(game: GameInputs, settings: AMMSettings) -> dict[str, float]:
     that the values there are not the class's exact ones."""
     logits, s = game.student_logits, settings
     value = torch.zeros(game.mask.shape, dtype=compute_dtype(logits), device=logits.device)
-    clamped = 0
+    clamped = torch.zeros((), dtype=torch.long, device=logits.device)  # one sync at the end, not per chunk
     for index in position_chunks(game.mask, s.chunk_size):
         teacher = _select(game.teacher, index)
         ratio = log_ratio(logits[index].detach(), teacher)
-        clamped += int(s.cls.clamp_binds(ratio).any(-1).sum())
+        clamped += s.cls.clamp_binds(ratio).any(-1).sum()
         value[index] = _value_rows(logits[index].detach().to(value.dtype), teacher, s.cls.best_response(ratio),
                                    s.tail, s.cls, True)
     w_on, w_off, _ = row_weights(game.mask, game.is_on_policy, 0.5, game.totals)
     return {"d_on_true": float((w_on * value).sum()), "d_off_true": float((w_off * value).sum()),
-            "log_ratio_clamped": clamped / max(int(game.mask.sum()), 1)}
+            "log_ratio_clamped": int(clamped) / max(int(game.mask.sum()), 1)}
 
 
 # ---------------------------------------------------------------------------- adversaries

@@ -86,6 +86,7 @@ class BoundedClass(AdversaryClass):
     sum_a |p - q|, is twice the total-variation distance."""
 
     kind: ClassVar[str] = "bounded"
+    CLAMP: ClassVar[float] = 20.0  # |log p - log q| beyond it: tanh(c x) is sign(x) already
 
     @classmethod
     def from_params(cls, params: AMMParams) -> "BoundedClass":
@@ -96,13 +97,13 @@ class BoundedClass(AdversaryClass):
 
     def feature(self, log_ratio: torch.Tensor) -> torch.Tensor:
         """log p - log q, clamped to [-20, 20]: tanh(c x) -> sign(x) as c grows."""
-        return log_ratio.clamp(-20, 20)
+        return log_ratio.clamp(-self.CLAMP, self.CLAMP)
 
     def best_response(self, log_ratio: torch.Tensor) -> torch.Tensor:
         return torch.sign(log_ratio)
 
     def clamp_binds(self, log_ratio: torch.Tensor) -> torch.Tensor:
-        return log_ratio.abs() > 20
+        return log_ratio.abs() > self.CLAMP
 
     def penalty(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         return torch.zeros(q.shape[:-1], dtype=q.dtype, device=q.device)
@@ -123,6 +124,7 @@ class Chi2Class(AdversaryClass):
 
     lam: float = 1.0
     kind: ClassVar[str] = "chi2"
+    CLAMP: ClassVar[float] = 10.0  # p/q capped at e^10, so one token cannot dominate the values
 
     @classmethod
     def from_params(cls, params: AMMParams) -> "Chi2Class":
@@ -133,13 +135,13 @@ class Chi2Class(AdversaryClass):
 
     def feature(self, log_ratio: torch.Tensor) -> torch.Tensor:
         """p/q - 1 = expm1(log p - log q), the ratio clamped at e^10."""
-        return torch.expm1(log_ratio.clamp(max=10))
+        return torch.expm1(log_ratio.clamp(max=self.CLAMP))
 
     def best_response(self, log_ratio: torch.Tensor) -> torch.Tensor:
-        return torch.expm1(log_ratio.clamp(max=10)) / (2 * self.lam)
+        return self.feature(log_ratio) / (2 * self.lam)
 
     def clamp_binds(self, log_ratio: torch.Tensor) -> torch.Tensor:
-        return log_ratio > 10
+        return log_ratio > self.CLAMP
 
     def penalty(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """lam * sum_a q(a) f(a)^2."""
