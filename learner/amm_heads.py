@@ -18,7 +18,15 @@ so a head with c * feature reaches it at W = 0 and c = 1/(2 lam) (chi2) or c -> 
 (bounded) whatever its rank, while a head on h alone must learn a map from the student's own
 state to p - q and chases a moving target. With the feature, the low-rank part only has to
 carry what the feature misses, so ``logratio_lowrank`` keeps ``logratio``'s reach at a
-fraction of its size.
+fraction of its size. The price: with the feature the class is unrestricted per state, so at
+its optimum the head is the ``oracle`` (``loss.params.adversary``), which is the cheaper way
+to play it; the heads on h alone (``linear``, ``mlp``, ``lowrank``) are the restricted classes
+whose moments the paper matches.
+
+Every head starts away from its best response: c starts at 0 and the net's output at or near
+0 (``HeadKind.net``), so f is about squash(0) = 0 and the adversary has to learn its way to the gap
+(``tests/unit/test_amm_learning.py``). With c = 1 at the start the chi2 ``logratio`` heads
+began at the exact best response for lam = 0.5 and never had anything to learn.
 
 A new class or head kind is a subclass registered in ``CLASSES`` or ``HEADS`` (and its name
 in ``learner.loss_params``' Literal for the option).
@@ -250,7 +258,8 @@ class QHead(nn.Module):
             raise ValueError(f"loss.params.head_rank={rank!r} must be an integer >= 1")
         self.cls, self.kind = cls, kind
         self.net = head_net(kind, hidden, vocab, width, rank)
-        self.scale = nn.Parameter(torch.ones(())) if HEADS[kind].reads_log_ratio else None
+        # c = 0: the head starts at f = squash(net(h)), never at the best response (docstring)
+        self.scale = nn.Parameter(torch.zeros(())) if HEADS[kind].reads_log_ratio else None
 
     @property
     def needs_log_ratio(self) -> bool:
